@@ -1,0 +1,196 @@
+"""`codeshard` command line: one front door to the flows (the other is prefect.yaml)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+# Offline-safe Prefect defaults (STACK.md); the user's own values win.
+for _k, _v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+SETTING_FLAGS = ("store", "s3_endpoint", "s3_region", "runner", "dask_address", "dask_workers",
+                 "max_workers", "device", "batch_size", "shard_rows")
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (override CODESHARD_* environment variables)")
+    g.add_argument("--store", help="file:///path or s3://bucket/prefix")
+    g.add_argument("--s3-endpoint", help="S3 endpoint URL (SeaweedFS, MinIO); default AWS")
+    g.add_argument("--s3-region")
+    g.add_argument("--runner", choices=["threads", "dask"])
+    g.add_argument("--dask-address", help="tcp://host:8786 (default with --runner dask: a local cluster)")
+    g.add_argument("--dask-workers", type=int)
+    g.add_argument("--max-workers", type=int, help="concurrent shard tasks (thread runner)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--shard-rows", type=int)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
+
+
+def run_flow(flow_obj, args: argparse.Namespace, **params: Any) -> Any:
+    """Call a flow with the settings from flags, on the runner they select."""
+    from infra.runners import task_runner
+    from infra.settings import Settings
+
+    cfg = Settings.load(**overrides(args))
+    return flow_obj.with_options(task_runner=task_runner(cfg))(settings=overrides(args), **params)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_doctor(args) -> int:
+    from infra.settings import Settings
+    from infra.store import StoreError, open_store
+
+    cfg = Settings.load(**overrides(args))
+    print("codeshard settings (secrets masked):")
+    for k, v in cfg.masked().items():
+        print(f"  {k:24s} {v}")
+    ok = True
+    try:
+        print("store:   ", open_store(cfg).check())
+    except StoreError as e:
+        ok = False
+        print("store:    FAILED:", e)
+    try:
+        import anyio
+        from prefect.client.orchestration import get_client
+
+        async def _health():
+            async with get_client() as c:
+                return await c.api_healthcheck()
+
+        err = anyio.run(_health)
+        print("prefect: ", "ok" if err is None else f"FAILED: {err}",
+              f"({os.environ.get('PREFECT_API_URL', 'ephemeral API')})")
+        ok &= err is None
+    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
+        ok = False
+        print("prefect:  FAILED:", type(e).__name__, e)
+    return 0 if ok else 1
+
+
+def cmd_dev_s3(args) -> int:
+    from infra.seaweed import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, start_seaweed, stop_seaweed
+    from infra.settings import Settings
+
+    data_dir = os.path.join(Settings.load().dev_dir, "seaweedfs")
+    if args.action == "up":
+        srv = start_seaweed(data_dir, bucket=args.bucket, s3_port=args.port)
+        print(f"SeaweedFS S3 on {srv.endpoint} (pid {srv.pid}, data {data_dir}); to use it:")
+        print(f"  export CODESHARD_STORE=s3://{args.bucket}/codeshard CODESHARD_S3_ENDPOINT={srv.endpoint}")
+        print(f"  export AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY} AWS_SECRET_ACCESS_KEY=<dev secret, see infra/seaweed.py>")
+        if args.env_file:
+            with open(args.env_file, "w") as f:
+                f.write(f"export CODESHARD_STORE=s3://{args.bucket}/codeshard\n"
+                        f"export CODESHARD_S3_ENDPOINT={srv.endpoint}\n"
+                        f"export AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY}\n"
+                        f"export AWS_SECRET_ACCESS_KEY={DEFAULT_SECRET_KEY}\n")
+        return 0
+    print("stopped" if stop_seaweed(data_dir) else "no SeaweedFS running for " + data_dir)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from flows.ingest import ingest
+
+    _print(run_flow(ingest, args, dataset=args.dataset, source=args.source, shard_rows=args.shard_rows_ingest,
+                    force=args.force))
+    return 0
+
+
+def cmd_train_backbone(args) -> int:
+    from flows.train_backbone import train_backbone
+
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    _print(run_flow(train_backbone, args, dataset=args.dataset, arch=args.arch, model_id=args.model_id,
+                    epochs=args.epochs, classes=classes, force=args.force))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from flows.extract_features import extract_features
+
+    s = run_flow(extract_features, args, dataset=args.dataset, model_id=args.model, shards=args.shards,
+                 force=args.force)
+    _print(s)
+    return 1 if s["failed"] else 0
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codeshard", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        _settings_args(sp)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("doctor", cmd_doctor, "print resolved settings (secrets masked); check the store and Prefect")
+
+    dev = sub.add_parser("dev", help="local development services")
+    devsub = dev.add_subparsers(dest="service", required=True)
+    s3 = devsub.add_parser("s3", help="SeaweedFS S3 server on loopback (data under .codeshard/seaweedfs)")
+    s3.add_argument("action", choices=["up", "down"])
+    s3.add_argument("--bucket", default="codeshard")
+    s3.add_argument("--port", type=int, default=None)
+    s3.add_argument("--env-file", help="write the export lines for this server to a file")
+    s3.set_defaults(fn=cmd_dev_s3)
+
+    sp = add("ingest", cmd_ingest, "write raw shards: a packaged dataset or --from a folder/URI of Parquet")
+    sp.add_argument("dataset")
+    sp.add_argument("--from", dest="source", help="folder or URI of raw-schema Parquet shards")
+    sp.add_argument("--rows-per-shard", dest="shard_rows_ingest", type=int)
+    sp.add_argument("--force", action="store_true")
+
+    sp = add("train-backbone", cmd_train_backbone, "train a CNN backbone on the train split, register it")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--arch", default="small-cnn", choices=["small-cnn", "wide-cnn"])
+    sp.add_argument("--model-id")
+    sp.add_argument("--epochs", type=int, default=8)
+    sp.add_argument("--classes", help="comma-separated class ids to train on (default all)")
+    sp.add_argument("--force", action="store_true")
+
+    sp = add("extract", cmd_extract, "extract features for a dataset's raw shards")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--model", required=True, help="model id (trained, or efficientnet-lite0-64 / minilm)")
+    sp.add_argument("--shards", help="part range START:STOP (default all)")
+    sp.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for expected failures
+        if args.verbose:
+            raise
+        from infra.store import _clean
+
+        print(f"codeshard {args.command}: error: {type(e).__name__}: {_clean(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

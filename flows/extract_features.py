@@ -1,0 +1,35 @@
+"""Feature extraction flow: every raw shard of a dataset (or a part range) through one model."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.progress import gather, publish_summary, summarize
+from infra import layout
+from infra.planner import parse_shard_range, select_shards
+from infra.registry import model_card
+from infra.settings import Settings
+from infra.store import open_store
+from tasks.extract import extract_shard
+
+
+@flow(name="extract-features", log_prints=True)
+def extract_features(dataset: str, model_id: str, shards: str | None = None, force: bool = False,
+                     settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Extract features for raw/<dataset>/ shards in `shards` ('120:180', default all) with `model_id`.
+    Done shards are skipped unless `force`; bad shards are quarantined and the run goes on."""
+    cfg = Settings.load(**(settings or {}))
+    store = open_store(cfg)
+    log = get_run_logger()
+    card = model_card(store, model_id)  # registers a pretrained id on first use, before fan-out
+    refs = select_shards(store.list(layout.raw_prefix(dataset)), parse_shard_range(shards))
+    if not refs:
+        raise ValueError(f"no raw shards for dataset {dataset!r} in {store.uri}"
+                         f"{' range ' + shards if shards else ''}: run `codeshard ingest {dataset}` first")
+    log.info("extract %s with %s (%s): %d shards", dataset, model_id, card["arch"], len(refs))
+    futures = [extract_shard.submit(cfg, dataset, model_id, ref, force) for ref in refs]
+    summary = summarize("extract", gather(futures, "extract"))
+    summary["model_id"] = model_id
+    publish_summary(summary, key=f"extract-{dataset}-{model_id}".lower())
+    return summary

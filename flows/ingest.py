@@ -1,0 +1,86 @@
+"""Ingest flow: packaged datasets (fashion-mnist, wordnet, digits) or external raw Parquet shards."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prefect import flow, get_run_logger
+
+from flows.progress import gather, publish_summary, summarize
+from infra import datasets, layout
+from infra.planner import row_slices, select_shards
+from infra.settings import Settings
+from infra.shards import open_parquet, read_table, write_table
+from infra.store import open_store
+from tasks.ingest import import_shard, ingest_shard, load_with_splits, source_fingerprint
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(dataset: str, source: str | None = None, shard_rows: int | None = None, force: bool = False,
+           settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write raw/<dataset>/part-*.parquet. `source`: a folder or URI of raw-schema Parquet shards."""
+    cfg = Settings.load(**(settings or {}))
+    shard_rows = shard_rows or cfg.shard_rows
+    log = get_run_logger()
+    if source is None:
+        ds, _ = load_with_splits(dataset, cfg.seed)
+        fp = source_fingerprint(dataset, cfg.seed, shard_rows)
+        slices = row_slices(len(ds), shard_rows)
+        log.info("ingest %s: %d rows -> %d shards of %d", dataset, len(ds), len(slices), shard_rows)
+        futures = [ingest_shard.submit(cfg, dataset, part, a, b, fp, force)
+                   for part, (a, b) in enumerate(slices)]
+    else:
+        uri = source if "://" in source else f"file://{_abspath(source)}"
+        src = open_store(cfg, uri=uri)
+        refs = select_shards([i for i in src.list("") if i.key.endswith(".parquet")]) or \
+            _any_parquet(src)
+        if not refs:
+            raise ValueError(f"no Parquet shards under {uri}")
+        splits_key = _plan_splits(cfg, dataset, src, refs)
+        log.info("import %s: %d shards from %s", dataset, len(refs), uri)
+        futures = [import_shard.submit(cfg, dataset, uri, ref, part, splits_key, force)
+                   for part, ref in enumerate(refs)]
+    summary = summarize("ingest", gather(futures, "ingest"))
+    publish_summary(summary, key=f"ingest-{_slug(dataset)}")
+    return summary
+
+
+def _any_parquet(src):
+    """Arbitrary *.parquet names (not part-NNNNN): numbered in sorted key order."""
+    from infra.planner import ShardRef
+
+    return [ShardRef(i.key, n, i.etag, i.size) for n, i in enumerate(src.list("")) if i.key.endswith(".parquet")]
+
+
+def _plan_splits(cfg: Settings, dataset: str, src, refs) -> str | None:
+    """When source shards carry no split column, assign splits over all of them at once (reads only
+    the id and label columns) and stage the mapping in the store. Returns its key, or None."""
+    ids, labels = [], []
+    for ref in refs:
+        try:
+            names = set(open_parquet(src, ref.key).schema_arrow.names)
+            if "split" in names or "id" not in names:
+                continue
+            t = read_table(src, ref.key, columns=[c for c in ("id", "label") if c in names])
+        except Exception:  # unreadable shards are quarantined by their import task
+            continue
+        ids.append(t.column("id").to_numpy())
+        labels.append(t.column("label").to_numpy() if "label" in t.column_names else np.zeros(t.num_rows, np.int32))
+    if not ids:
+        return None
+    all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
+    split = datasets.assign_splits(all_labels, np.zeros(len(all_ids), bool), seed=cfg.seed)
+    key = f"_staging/{dataset}/splits.parquet"
+    write_table(open_store(cfg), key, pa.table({"id": all_ids, "split": split.tolist()}))
+    return key
+
+
+def _abspath(p: str) -> str:
+    import os
+
+    return os.path.abspath(p)
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s.lower())

@@ -1,0 +1,100 @@
+"""Per-shard manifests (written last, so a manifest means the output is complete) and quarantine.
+
+A stage skips a shard when its manifest names the same input checksum and code version and the
+output object still has the recorded checksum. A shard that fails validation is copied to
+`_quarantine/<stage>/<key>` with `<key>.reason.json` beside it; the original is left in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra import layout
+from infra.store import Store, StoreError
+
+
+@dataclass(frozen=True)
+class Manifest:
+    stage: str
+    dataset: str
+    part: int
+    input_key: str
+    input_checksum: str
+    rows: int
+    output_key: str
+    output_checksum: str
+    code_version: str
+    seconds: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        return cls(**json.loads(data))
+
+
+def read_manifest(store: Store, key: str) -> Manifest | None:
+    try:
+        return Manifest.from_json(store.read_bytes(key))
+    except StoreError as e:
+        if str(e).startswith("no object"):
+            return None
+        raise
+    except (ValueError, TypeError):
+        return None  # an unreadable manifest means "not done": the shard is redone
+
+
+def write_manifest(store: Store, key: str, manifest: Manifest) -> None:
+    store.write_bytes(key, manifest.to_json())
+
+
+def done_manifest(store: Store, key: str, input_checksum: str, code_version: str) -> Manifest | None:
+    """The manifest at `key` if it proves the shard is done for this input and code version."""
+    m = read_manifest(store, key)
+    if m is None or m.input_checksum != input_checksum or m.code_version != code_version:
+        return None
+    out = store.head(m.output_key)
+    if out is None or out.etag != m.output_checksum:
+        return None
+    return m
+
+
+def quarantine_shard(store: Store, stage: str, key: str, reason: str, input_checksum: str,
+                     source: Store | None = None) -> str:
+    """Copy a bad shard to `_quarantine/<stage>/<key>` with its reason; returns the quarantine key.
+    The reason file is written last and names the input checksum, so a rerun can skip it.
+    `source` is the store holding `key` when it is not `store`."""
+    qkey = layout.quarantine_key(stage, key)
+    try:
+        store.write_bytes(qkey, (source or store).read_bytes(key))
+    except StoreError:
+        pass  # unreadable source: the reason file still records it
+    record = {"stage": stage, "key": key, "reason": reason, "input_checksum": input_checksum,
+              "quarantined_at": time.time()}
+    store.write_bytes(qkey + ".reason.json", json.dumps(record, sort_keys=True).encode())
+    return qkey
+
+
+def quarantine_reason(store: Store, stage: str, key: str, input_checksum: str) -> str | None:
+    """The recorded reason if this exact input was quarantined before, else None."""
+    try:
+        record = json.loads(store.read_bytes(layout.quarantine_key(stage, key) + ".reason.json"))
+    except (StoreError, ValueError):
+        return None
+    return record["reason"] if record.get("input_checksum") == input_checksum else None
+
+
+def list_quarantine(store: Store, stage: str | None = None) -> list[dict[str, Any]]:
+    """Every quarantine record (optionally for one stage), oldest first."""
+    prefix = "_quarantine/" + (f"{stage}/" if stage else "")
+    out = []
+    for info in store.list(prefix):
+        if info.key.endswith(".reason.json"):
+            out.append(json.loads(store.read_bytes(info.key)))
+    return sorted(out, key=lambda r: r["quarantined_at"])

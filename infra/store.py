@@ -1,0 +1,386 @@
+"""One object-store API over `file://` and `s3://`.
+
+Keys are '/'-separated paths relative to the store root (`raw/fashion-mnist/part-00000.parquet`).
+Every write is whole-object and atomic: a reader sees the old object or the new one, never a
+partial one (local: temp file + rename; S3: a single PUT). Conditional writes (`put_if`) are the
+primitive behind `CURRENT` pointers: S3 If-Match / If-None-Match (SeaweedFS and AWS honour both),
+and on the local store an fcntl lock + ETag compare + rename.
+
+Data goes through boto3 for whole objects and pyarrow's filesystem for streaming Parquet reads;
+retries come from botocore's "standard" mode and pyarrow's AwsStandardS3RetryStrategy, never a
+hand-rolled loop. Credentials come from the standard AWS chain and are never logged.
+"""
+from __future__ import annotations
+
+import collections
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from infra.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+
+class StoreError(RuntimeError):
+    """An object-store operation failed; the message names the key and the cause, never a secret."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write lost: the object changed (or exists) since the caller read it."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+class Store:
+    """Base class; use `open_store(settings)`. Subclasses: LocalStore, S3Store."""
+
+    uri: str
+
+    def __init__(self) -> None:
+        # Reads per key, so tests and benchmarks can prove what was (not) read.
+        self.reads: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def _count_read(self, key: str) -> None:
+        with self._lock:
+            self.reads[key] += 1
+
+    # -- whole objects ---------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Atomically replace `key` with `data`; returns the new ETag."""
+        raise NotImplementedError
+
+    def put_if(self, key: str, data: bytes, *, if_match: str | None = None,
+               if_none_match: bool = False) -> str:
+        """Write only if the current ETag is `if_match` (or, with `if_none_match`, if absent).
+        Raises PreconditionFailed otherwise. Returns the new ETag."""
+        raise NotImplementedError
+
+    def head(self, key: str) -> ObjectInfo | None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Objects under `prefix` (recursive), sorted by key. Temp files are never listed."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> int:
+        n = 0
+        for info in self.list(prefix):
+            self.delete(info.key)
+            n += 1
+        return n
+
+    def copy(self, src: str, dst: str) -> None:
+        self.write_bytes(dst, self.read_bytes(src))
+
+    # -- streaming (pyarrow) ---------------------------------------------------------------
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, base path) for streaming reads of large objects."""
+        raise NotImplementedError
+
+    def open_input(self, key: str) -> pafs.NativeFile:
+        fs, base = self.arrow_fs()
+        self._count_read(key)
+        try:
+            return fs.open_input_file(f"{base}/{key}")
+        except (FileNotFoundError, OSError) as e:
+            raise StoreError(f"cannot open {self.uri_of(key)}: {_clean(e)}") from None
+
+    def uri_of(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    def check(self) -> str:
+        """Cheap reachability + write check; returns a one-line status or raises StoreError."""
+        key = "_health/probe"
+        self.list("_health/")  # a missing bucket fails here, before any write could create it
+        etag = self.write_bytes(key, b"ok")
+        if self.read_bytes(key) != b"ok":
+            raise StoreError(f"{self.uri}: read-after-write returned other bytes")
+        self.delete(key)
+        return f"{self.uri}: read/write ok (etag {etag[:8]}…)"
+
+
+# ---------------------------------------------------------------------------------------------
+class LocalStore(Store):
+    """A folder on local disk. ETag = md5 of the content (cached by mtime+size)."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = f"file://{self.root}"
+        self._etags: dict[tuple[str, int, int], str] = {}
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"invalid key {key!r}")
+        return self.root / key
+
+    def read_bytes(self, key: str) -> bytes:
+        self._count_read(key)
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"no object at {self.uri_of(key)}") from None
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str]:
+        data = self.read_bytes(key)
+        return data, hashlib.md5(data).hexdigest()
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return hashlib.md5(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, *, if_match: str | None = None,
+               if_none_match: bool = False) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a+") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            try:
+                current = self.head(key)
+                if if_none_match and current is not None:
+                    raise PreconditionFailed(f"{self.uri_of(key)} already exists")
+                if if_match is not None and (current is None or current.etag != if_match):
+                    raise PreconditionFailed(f"{self.uri_of(key)} changed since it was read")
+                return self.write_bytes(key, data)
+            finally:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if not path.is_file():
+            return None
+        return ObjectInfo(key, st.st_size, self._etag(path, st))
+
+    def _etag(self, path: Path, st: os.stat_result) -> str:
+        ck = (str(path), st.st_mtime_ns, st.st_size)
+        et = self._etags.get(ck)
+        if et is None:
+            h = hashlib.md5()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            et = self._etags[ck] = h.hexdigest()
+        return et
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if base.is_file():
+            info = self.head(prefix)
+            return [info] if info else []
+        out = []
+        if not base.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith("."):
+                    continue  # temp files and lock files
+                p = Path(dirpath) / name
+                key = p.relative_to(self.root).as_posix()
+                info = self.head(key)
+                if info:
+                    out.append(info)
+        return sorted(out, key=lambda i: i.key)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        return pafs.LocalFileSystem(), str(self.root)
+
+
+# ---------------------------------------------------------------------------------------------
+class S3Store(Store):
+    """`s3://bucket/prefix` through boto3 (objects, conditional writes) and pyarrow (streaming)."""
+
+    def __init__(self, uri: str, settings: Settings) -> None:
+        super().__init__()
+        import boto3
+        from botocore.config import Config
+
+        parsed = urlparse(uri)
+        self.uri = uri.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.settings = settings
+        self._session = boto3.session.Session(region_name=settings.s3_region)
+        cfg = Config(
+            retries={"max_attempts": settings.s3_retries, "mode": "standard"},
+            s3={"addressing_style": "path"} if settings.s3_endpoint else {},
+            connect_timeout=5,
+            read_timeout=60,
+        )
+        self.client = self._session.client("s3", endpoint_url=settings.s3_endpoint, config=cfg)
+        self._fs: pafs.S3FileSystem | None = None
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, key: str, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "412") or status == 412:
+                raise PreconditionFailed(f"{self.uri_of(key)}: {what} lost (412 precondition failed)") from None
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StoreError(f"no object at {self.uri_of(key)}") from None
+            if code == "NoSuchBucket":
+                raise StoreError(f"bucket {self.bucket!r} does not exist ({self.uri})") from None
+            raise StoreError(f"{what} {self.uri_of(key)} failed: {code or status}: "
+                             f"{e.response.get('Error', {}).get('Message', '')}") from None
+        except BotoCoreError as e:
+            raise StoreError(f"{what} {self.uri_of(key)} failed: {_clean(e)}") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.read_with_etag(key)[0]
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str]:
+        self._count_read(key)
+        r = self._call("get", key, self.client.get_object, Key=self._k(key))
+        return r["Body"].read(), r["ETag"].strip('"')
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        r = self._call("put", key, self.client.put_object, Key=self._k(key), Body=data)
+        return r["ETag"].strip('"')
+
+    def put_if(self, key: str, data: bytes, *, if_match: str | None = None,
+               if_none_match: bool = False) -> str:
+        kw: dict = {"Key": self._k(key), "Body": data}
+        if if_match is not None:
+            kw["IfMatch"] = f'"{if_match}"'
+        if if_none_match:
+            kw["IfNoneMatch"] = "*"
+        r = self._call("conditional put", key, self.client.put_object, **kw)
+        return r["ETag"].strip('"')
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = self._call("head", key, self.client.head_object, Key=self._k(key))
+        except PreconditionFailed:
+            raise
+        except StoreError as e:
+            if str(e).startswith("no object"):
+                return None
+            raise
+        return ObjectInfo(key, int(r["ContentLength"]), r["ETag"].strip('"'))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        out = []
+        full = self._k(prefix)
+        token = None
+        while True:
+            kw = {"Prefix": full}
+            if token:
+                kw["ContinuationToken"] = token
+            r = self._call("list", prefix, self.client.list_objects_v2, **kw)
+            for o in r.get("Contents", []):
+                key = o["Key"][len(self.prefix) + 1:] if self.prefix else o["Key"]
+                if key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
+                    continue  # directory markers, temp objects
+                out.append(ObjectInfo(key, int(o["Size"]), o["ETag"].strip('"')))
+            if not r.get("IsTruncated"):
+                break
+            token = r["NextContinuationToken"]
+        return sorted(out, key=lambda i: i.key)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Key=self._k(key))
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        if self._fs is None:
+            creds = self._session.get_credentials()
+            kw = {}
+            if creds is not None:
+                fc = creds.get_frozen_credentials()
+                kw = {"access_key": fc.access_key, "secret_key": fc.secret_key}
+                if fc.token:
+                    kw["session_token"] = fc.token
+            if self.settings.s3_endpoint:
+                ep = urlparse(self.settings.s3_endpoint)
+                kw["endpoint_override"] = ep.netloc
+                kw["scheme"] = ep.scheme or "http"
+            self._fs = pafs.S3FileSystem(
+                region=self.settings.s3_region,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.settings.s3_retries),
+                connect_timeout=5, request_timeout=60, **kw)
+        return self._fs, f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if missing (dev servers only; production buckets are provisioned)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def open_store(settings: Settings | None = None, uri: str | None = None) -> Store:
+    """The store named by `uri` (default: settings.store). Cheap: no network call is made."""
+    settings = settings or Settings.load()
+    uri = uri or settings.store
+    if uri.startswith("file://"):
+        return LocalStore(uri[len("file://"):])
+    if uri.startswith("s3://"):
+        return S3Store(uri, settings)
+    raise StoreError(f"unsupported store URI {uri!r}: use file:///path or s3://bucket/prefix")
+
+
+def _clean(e: BaseException) -> str:
+    """An exception's message with anything that looks like a credential removed."""
+    msg = str(e)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(var)
+        if secret:
+            msg = msg.replace(secret, "****")
+    return msg

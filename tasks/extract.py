@@ -1,0 +1,92 @@
+"""Feature extraction: one raw shard in, one features shard out."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from infra import layout
+from infra.images import BadImage, decode_images
+from infra.planner import ShardRef
+from infra.registry import load_backbone
+from infra.settings import Settings
+from infra.shards import ShardInvalid, features_table, iter_batches, validate_raw
+from infra.store import open_store
+from tasks.stage import is_store_error, run_shard_stage
+
+EXTRACT_VERSION = "extract-1"
+
+
+def code_version(card: dict[str, Any]) -> str:
+    """What a features shard depends on besides its input: the model's weights and this code."""
+    return f"{EXTRACT_VERSION}:{card['model_id']}:{card['checksum']}"
+
+
+@task(name="extract_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=is_store_error, tags=["heavy"])
+def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef,
+                  force: bool = False) -> dict[str, Any]:
+    """Embed one raw shard with `model_id` into features/<dataset>/<model_id>/part-NNNNN.parquet.
+
+    Streams the shard by record batches of `settings.batch_size` rows (decode + forward per batch),
+    so memory ~ one batch of images + one shard of features. Bad rows quarantine the shard.
+    """
+    store = open_store(settings)
+    device = settings.torch_device()
+    backbone, card = load_backbone(store, model_id, device=device)
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, settings.max_workers)))
+    text = card["arch"] == "minilm"
+    hw = tuple(card.get("input_hw", (28, 28)))
+
+    def work():
+        ids_out, feats_out = [], []
+        column = "text" if text else "image"
+        schema = _schema_names(store, ref.key)
+        if column not in schema:
+            raise ShardInvalid(ref.key, f"model {model_id} needs a {column!r} column (has {sorted(schema)})")
+        for batch in iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size):
+            ids = batch.column(0).to_numpy(zero_copy_only=False)
+            if text:
+                texts = batch.column(1).to_pylist()
+                if any(t is None for t in texts):
+                    raise ShardInvalid(ref.key, "null text values")
+                feats = backbone.features(texts, batch_size=settings.batch_size)
+            else:
+                try:
+                    pixels = decode_images(batch.column(1).to_pylist(), ids, hw)
+                except BadImage as e:
+                    raise ShardInvalid(ref.key, str(e)) from None
+                feats = _forward(backbone, pixels, device)
+            ids_out.append(ids)
+            feats_out.append(feats)
+        if not ids_out:
+            raise ShardInvalid(ref.key, "empty shard (0 rows)")
+        ids = np.concatenate(ids_out)
+        if len(np.unique(ids)) != len(ids):
+            raise ShardInvalid(ref.key, f"{len(ids) - len(np.unique(ids))} duplicate ids within the shard")
+        feats = np.concatenate(feats_out)
+        if not np.isfinite(feats).all():
+            raise ShardInvalid(ref.key, "model produced NaN/Inf features")
+        return features_table(ids, feats), {"dim": int(feats.shape[1])}
+
+    outcome = run_shard_stage(store, stage="extract", dataset=dataset, output_id=model_id, ref=ref,
+                              output_key=layout.features_key(dataset, model_id, ref.part),
+                              code_version=code_version(card), force=force, work=work)
+    return outcome.as_dict()
+
+
+def _forward(backbone, pixels: np.ndarray, device: str) -> np.ndarray:
+    with torch.inference_mode():
+        x = backbone.preprocess(pixels).to(device)
+        return backbone.module(x).float().cpu().numpy()
+
+
+def _schema_names(store, key: str) -> set[str]:
+    from infra.shards import open_parquet
+
+    return set(open_parquet(store, key).schema_arrow.names)

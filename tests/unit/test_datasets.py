@@ -1,0 +1,168 @@
+"""infra/datasets.py: IDX parsing, WordNet parsing, split assignment, PNG round trip."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infra import datasets as D
+
+
+def _write_idx(path, arr: np.ndarray, code: int = 0x08):
+    header = struct.pack(">HBB", 0, code, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    body = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + body)
+
+
+def _fake_fashion(root, n_train=6, n_test=4):
+    rng = np.random.default_rng(0)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        _write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), x)
+        _write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), y)
+        out[prefix] = (x, y)
+    return out
+
+
+def test_read_idx_uint8_and_int32(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", a)
+    np.testing.assert_array_equal(D.read_idx(str(tmp_path / "a.gz")), a)
+    b = np.array([-5, 70000, 3], dtype=np.int32)
+    _write_idx(tmp_path / "b", b, code=0x0C)
+    got = D.read_idx(str(tmp_path / "b"))
+    np.testing.assert_array_equal(got, b)
+    assert got.dtype.isnative
+
+
+def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x00\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="magic"):
+        D.read_idx(str(tmp_path / "bad"))
+    a = np.zeros((3, 2), np.uint8)
+    _write_idx(tmp_path / "t", a)
+    (tmp_path / "t").write_bytes((tmp_path / "t").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="header says"):
+        D.read_idx(str(tmp_path / "t"))
+
+
+def test_load_fashion_mnist_from_fake_root(tmp_path):
+    parts = _fake_fashion(str(tmp_path))
+    ds = D.load_fashion_mnist(str(tmp_path))
+    assert len(ds) == 10 and ds.pixels.shape == (10, 28, 28) and ds.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(ds.ids, np.arange(10))
+    np.testing.assert_array_equal(ds.is_test, [False] * 6 + [True] * 4)
+    np.testing.assert_array_equal(ds.pixels[6:], parts["t10k"][0])
+    assert ds.labels.dtype == np.int32 and len(ds.class_names) == 10
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        D.load_fashion_mnist(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.exists(D.FASHION_MNIST_ROOT), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_shape():
+    ds = D.load_fashion_mnist()
+    assert ds.pixels.shape == (70000, 28, 28)
+    assert np.bincount(ds.labels).tolist() == [7000] * 10
+    assert ds.ids[60000] == 60000 and ds.is_test.sum() == 10000
+
+
+FAKE_WORDNET = (
+    "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+    "  2 Princeton University under the following license.  \n"
+    "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known  \n"
+    "00002137 04 n 02 abstraction 0 abstract_entity 0 000 | a general concept formed; \"x\"  \n"
+)
+
+
+def test_parse_wordnet_data():
+    ids, labels, glosses = D.parse_wordnet_data(FAKE_WORDNET.splitlines(True), pos_index=2)
+    assert ids == [2 * 10**9 + 1740, 2 * 10**9 + 2137]
+    assert labels == [3, 4]
+    assert [D.WORDNET_LEXNAMES[i] for i in labels] == ["noun.Tops", "noun.act"]
+    assert glosses == ["that which is perceived or known", 'a general concept formed; "x"']
+
+
+def test_load_wordnet_fake_root(tmp_path):
+    for pos in D.WORDNET_POS:
+        (tmp_path / f"data.{pos}").write_text(FAKE_WORDNET)
+    ds = D.load_wordnet(str(tmp_path))
+    assert len(ds) == 8 and ds.pixels is None and len(ds.texts) == 8
+    assert len(set(ds.ids.tolist())) == 8 and not ds.is_test.any()
+    assert len(ds.class_names) == 45
+
+
+def test_load_digits_scaled_to_uint8():
+    ds = D.load_digits()
+    assert ds.pixels.shape == (1797, 8, 8) and ds.pixels.dtype == np.uint8
+    assert ds.pixels.max() == 255 and ds.pixels.min() == 0
+
+
+def test_assign_splits_counts_with_test_part():
+    labels = np.repeat(np.arange(3), 50)
+    is_test = np.tile(np.r_[np.zeros(40, bool), np.ones(10, bool)], 3)
+    s = D.assign_splits(labels, is_test, query_per_class=5, train_per_class=20, val_per_class=10)
+    for c in range(3):
+        sc = s[labels == c]
+        assert (sc == "query").sum() == 5 and (sc == "train").sum() == 20 and (sc == "val").sum() == 10
+    assert is_test[s == "query"].all()
+    assert not is_test[(s == "train") | (s == "val")].any()
+
+
+def test_assign_splits_small_class_takes_what_exists():
+    labels = np.r_[np.zeros(100, int), np.ones(7, int)]
+    s = D.assign_splits(labels, np.zeros(107, bool), query_per_class=5, train_per_class=20, val_per_class=10)
+    one = s[labels == 1]
+    assert (one == "query").sum() == 5 and (one == "train").sum() == 2 and (one == "val").sum() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=300), st.integers(0, 2**31 - 1),
+       st.booleans(), st.integers(0, 6), st.integers(0, 30), st.integers(0, 10))
+def test_assign_splits_properties(labels, seed, with_test, nq, ntr, nva):
+    labels = np.asarray(labels)
+    is_test = (np.arange(len(labels)) % 3 == 0) if with_test else np.zeros(len(labels), bool)
+    s = D.assign_splits(labels, is_test, seed, nq, ntr, nva)
+    s2 = D.assign_splits(labels, is_test, seed, nq, ntr, nva)
+    np.testing.assert_array_equal(s, s2)  # deterministic
+    assert set(s) <= set(D.SPLITS)  # one split per row: disjoint and covering by construction
+    for c in np.unique(labels):
+        in_c = labels == c
+        q_pool = (in_c & is_test).sum() if is_test.any() else in_c.sum()
+        assert (s[in_c] == "query").sum() == min(nq, q_pool)
+        rest = (in_c & ~is_test & (s != "query")).sum()
+        assert (s[in_c] == "train").sum() == min(ntr, rest)
+        assert (s[in_c] == "val").sum() == min(nva, max(0, rest - ntr))
+    if is_test.any():
+        assert not is_test[(s == "train") | (s == "val")].any()
+
+
+def test_assign_splits_seed_changes_draw_and_class_independence():
+    labels = np.repeat(np.arange(2), 200)
+    is_test = np.zeros(400, bool)
+    a = D.assign_splits(labels, is_test, seed=0, query_per_class=10, train_per_class=50, val_per_class=10)
+    b = D.assign_splits(labels, is_test, seed=1, query_per_class=10, train_per_class=50, val_per_class=10)
+    assert (a != b).any()
+    # dropping class 1 does not move class 0's draw
+    c = D.assign_splits(labels[:200], is_test[:200], seed=0, query_per_class=10, train_per_class=50,
+                        val_per_class=10)
+    np.testing.assert_array_equal(a[:200], c)
+
+
+def test_png_round_trip():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    blobs = D.png_bytes(x)
+    assert len(blobs) == 20 and all(b[:8] == b"\x89PNG\r\n\x1a\n" for b in blobs)
+    np.testing.assert_array_equal(np.stack([D.decode_png(b) for b in blobs]), x)
+    with pytest.raises(ValueError):
+        D.png_bytes(x.astype(np.float32))
