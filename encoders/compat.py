@@ -112,9 +112,9 @@ def influence_loss(new_feats: torch.Tensor, labels: torch.Tensor,
                    old_classifier: nn.Module) -> torch.Tensor:
     """BCT's influence loss: cross-entropy of new features through the frozen old classifier.
 
-    Rows whose class the old classifier does not have (label >= its output size) are left out
-    (BCT proper synthesises those classifier rows; left as a possible extension). Gradients
-    flow to `new_feats` only.
+    Rows whose class the old classifier does not have (label >= its output size) are left out;
+    pass `synthesize_classifier(...)` as old_classifier to cover them as BCT does.
+    Gradients flow to `new_feats` only.
     """
     out = _frozen_call(old_classifier, new_feats)
     return _masked_ce(out, labels, _known_rows(labels, out.shape[1]))
@@ -132,6 +132,34 @@ def mutual_structural_loss(new_feats: torch.Tensor, old_feats: torch.Tensor, lab
     a = _masked_ce(old_out, labels, _known_rows(labels, old_out.shape[1]))
     b = F.cross_entropy(new_classifier(old_feats.detach()), labels)
     return a + b
+
+
+def synthesize_classifier(old_classifier: nn.Linear, prototypes: torch.Tensor) -> nn.Linear:
+    """The old classifier extended to every class of the new training set (BCT's synthesised
+    classifier): rows of classes the old model knew are copied; a new class c gets the direction
+    of its old-feature prototype p_c scaled to the mean norm of the old rows, and the mean old
+    bias. Returns a frozen nn.Linear(D_old, len(prototypes)). Cost O(C D).
+    """
+    w, b = old_classifier.weight.detach(), old_classifier.bias
+    k, c = w.shape[0], prototypes.shape[0]
+    if prototypes.shape[1] != w.shape[1] or c < k:
+        raise ValueError(f"prototypes {tuple(prototypes.shape)} do not extend a classifier {tuple(w.shape)}")
+    out = nn.Linear(w.shape[1], c, bias=b is not None)
+    with torch.no_grad():
+        out.weight[:k] = w
+        out.weight[k:] = F.normalize(prototypes[k:].float(), dim=1) * w.norm(dim=1).mean()
+        if b is not None:
+            out.bias[:k] = b.detach()
+            out.bias[k:] = b.detach().mean()
+    return out.requires_grad_(False)
+
+
+def _single_linear(module: nn.Module) -> nn.Linear | None:
+    """The module's only nn.Linear when that is all it is (nn.Linear, ClassifierHead), else None."""
+    lin = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if len(lin) != 1 or sum(p.numel() for p in module.parameters()) != sum(p.numel() for p in lin[0].parameters()):
+        return None
+    return lin[0]
 
 
 class Projection(nn.Module):
@@ -311,6 +339,9 @@ class CompatConfig:
 
     proto_weight / mutual_weight: Dual-Tuning's prototype and mutual-structural terms;
     influence_weight: BCT's term. margin / temperature: `prototype_loss`.
+    synthesize_new_classes: extend the frozen old classifier to the classes it never saw with
+    `synthesize_classifier` (used by both BCT's influence loss and Dual-Tuning's mutual term);
+    False leaves those rows out of both terms.
     """
 
     epochs: int = 6
@@ -322,6 +353,7 @@ class CompatConfig:
     influence_weight: float = 1.0
     margin: float = 0.2
     temperature: float = 0.1
+    synthesize_new_classes: bool = True
 
 
 def train_compatible(new_backbone: nn.Module, new_dim: int, old_features: np.ndarray,
@@ -335,8 +367,10 @@ def train_compatible(new_backbone: nn.Module, new_dim: int, old_features: np.nda
 
     new_backbone: pixels -> (n, new_dim) embedding (e.g. WideCNN). old_features: (n, D_old) old
     model features of the same training `images` (rows aligned); old_classifier: the old head
-    (D_old -> old classes), kept frozen. The new model is ProjectedBackbone(new_backbone ->
-    D_old) with a fresh linear head (D_old -> num_classes); every method uses this same
+    (D_old -> old classes), kept frozen (extended to the new classes by `synthesize_classifier`
+    when cfg.synthesize_new_classes and it is a single linear layer). The new model is
+    ProjectedBackbone(new_backbone -> D_old) with a fresh linear head (D_old -> num_classes);
+    every method uses this same
     architecture, only the loss differs:
       independent: CE only;  bct: CE + influence_weight * influence_loss;
       dual-tuning: CE + proto_weight * prototype_loss(old prototypes of the new training set)
@@ -359,6 +393,9 @@ def train_compatible(new_backbone: nn.Module, new_dim: int, old_features: np.nda
     old_classifier = old_classifier.eval().requires_grad_(False)
     old_t = torch.as_tensor(old_features, dtype=torch.float32)
     protos = old_prototypes(old_t, labels, num_classes)
+    linear = _single_linear(old_classifier)
+    if cfg.synthesize_new_classes and linear is not None and linear.out_features < num_classes:
+        old_classifier = synthesize_classifier(linear, protos)
 
     def extra(rows, emb, logits, y):
         if method == "bct":

@@ -271,8 +271,9 @@ class GSLCoder(Coder):
         opt = torch.optim.Adam(list(net.parameters()) + [proxies], lr=cfg.lr, weight_decay=cfg.weight_decay)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         quant = PQQuantizer(cfg.dim, self.m, opq=cfg.opq, seed=1234)
-        step, n_refits, last = 0, 0, {}
+        step, n_refits, epoch_loss = 0, 0, 0.0
         for ep in range(cfg.epochs):
+            loss_sum = 0.0
             for idx in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
                 if cfg.mode != "none" and step % cfg.refit_every == 0:
                     sample = rng.choice(len(x), min(cfg.refit_sample, len(x)), replace=False)
@@ -292,13 +293,14 @@ class GSLCoder(Coder):
                 loss.backward()
                 opt.step()
                 step += 1
-                last = {"train_sim_loss": float(sim.detach())}
-            LOG.debug("gsl %s epoch %d: similarity loss %.4f", cfg.mode, ep, last.get("train_sim_loss", 0))
+                loss_sum += float(sim.detach()) * len(idx)
+            epoch_loss = loss_sum / len(x)
+            LOG.debug("gsl %s epoch %d: similarity loss %.4f", cfg.mode, ep, epoch_loss)
         net.eval()
         self.net = net
         emb = self._embed_with(net, x)
         self.quantizer = PQQuantizer(cfg.dim, self.m, opq=cfg.opq, seed=1234).fit(emb)
-        metrics: dict[str, float] = {**last, "steps": float(step), "refits": float(n_refits),
+        metrics: dict[str, float] = {"train_sim_loss_last_epoch": epoch_loss, "steps": float(step), "refits": float(n_refits),
                                      "train_quant_mse": self._quant_mse(emb)}
         if val is not None:
             metrics.update(self._val_metrics(val, classes))

@@ -311,7 +311,8 @@ def mean_average_precision(scores: np.ndarray | ScoreChunkFn, query_labels: np.n
         Queries without any relevant item count as 0 (a warning says how many).
 
     Cost: O(nq · n) for integer scores (Hamming), O(nq · n log n) otherwise, plus the scorer's own
-    cost. 1000 × 70000 Hamming scores take a few seconds on 2 cores.
+    cost. 1000 × 70000 at 64 bits (Hamming scoring included) takes ~1 s on 2 shared cores;
+    float scores (sort path) ~3 s plus scoring.
     """
     ql = np.asarray(query_labels).ravel()
     dl = np.asarray(db_labels).ravel()

@@ -72,7 +72,7 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
         feats = np.concatenate(feats_out)
         if not np.isfinite(feats).all():
             raise ShardInvalid(ref.key, "model produced NaN/Inf features")
-        return features_table(ids, feats), {"dim": int(feats.shape[1])}
+        return features_table(ids, feats), {"dim": int(feats.shape[1]), "pid": os.getpid()}
 
     outcome = run_shard_stage(store, stage="extract", dataset=dataset, output_id=model_id, ref=ref,
                               output_key=layout.features_key(dataset, model_id, ref.part),

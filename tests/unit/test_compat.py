@@ -91,6 +91,20 @@ def test_influence_loss_ignores_classes_the_old_model_lacks():
     assert C.influence_loss(f, torch.tensor([0, 1, 2, 0]), old_cls).item() > 0.0
 
 
+def test_synthesize_classifier_extends_old_rows_with_prototypes():
+    torch.manual_seed(0)
+    old = nn.Linear(2, 2)
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0]])
+    ext = C.synthesize_classifier(old, protos)
+    assert ext.out_features == 3 and not any(p.requires_grad for p in ext.parameters())
+    torch.testing.assert_close(ext.weight[:2], old.weight.detach())
+    torch.testing.assert_close(ext.weight[2], torch.tensor([0.6, 0.8]) * old.weight.detach().norm(dim=1).mean())
+    torch.testing.assert_close(ext.bias[2], old.bias.detach().mean())
+    from encoders.backbones import ClassifierHead
+    head = ClassifierHead(2, 2)
+    assert C._single_linear(head) is head.fc and C._single_linear(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) is None
+
+
 def test_projection_maps_wide_to_old_dim():
     m = C.ProjectedBackbone(SmallCNN(embed_dim=32), 32, 8)
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 8)

@@ -86,6 +86,14 @@ def test_packing_is_faiss_layout():
     assert np.array_equal(unpack_bits(packed, 13), bits.astype(np.uint8))
 
 
+def test_spread_codebook_initialisation_has_distinct_codes():
+    from encoders.llc import ClassCodeLayer, spread_codebook
+    cb = spread_codebook(10, 6, torch.Generator().manual_seed(0))
+    assert min_pairwise_hamming(cb.numpy()) >= 2  # 10 codes in 6 bits: 2 is the best possible
+    layer = ClassCodeLayer(6, 10, torch.Generator().manual_seed(0))
+    assert min_pairwise_hamming(layer.codebook().numpy()) >= 2
+
+
 def test_decoding_radius():
     assert [decoding_radius(d) for d in range(7)] == [0, 0, 0, 1, 1, 2, 2]
     cb = np.array([[1, 1, 1, 1], [1, 1, -1, -1], [-1, -1, 1, 1]])
