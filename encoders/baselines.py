@@ -238,13 +238,14 @@ class FloatConfig:
     """The ceiling: codes are the raw float32 features (bytes per item 4 · D, `lengths == (32 · D,)`),
     scores are minus the squared L2 distance (float32 BLAS after shifting by the train mean).
 
-    `bits` is accepted and ignored so that every baseline can be built with the same keywords
-    (`make_coder(m, bits=L)`); the code length is always 32 · D. Fit cost: O(n · D) (records D and
+    `bits` and `seed` are accepted and ignored so that every coder can be built with the same
+    keywords (`make_coder(m, bits=L, seed=s)`); the code length is always 32 · D. Fit cost: O(n · D) (records D and
     the train mean).
     Search: O(D) per pair (BLAS via `faiss.pairwise_distances`).
     """
 
     bits: int | None = None
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------------

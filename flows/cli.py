@@ -125,6 +125,46 @@ def cmd_extract(args) -> int:
     return 1 if s["failed"] else 0
 
 
+def _csv_list(text: str | None, cast=str) -> list | None:
+    return [cast(t) for t in text.split(",") if t.strip()] if text else None
+
+
+def cmd_evaluate(args) -> int:
+    from flows.evaluate import evaluate
+    from infra.reports import to_csv, to_table
+
+    args.features = args.features or f"{args.dataset}-small-cnn"
+    out = run_flow(evaluate, args, dataset=args.dataset, model_id=args.features,
+                   methods=_csv_list(args.methods), bits=_csv_list(args.bits, int),
+                   R=args.R, run_id=args.run_id)
+    if args.format == "csv":
+        sys.stdout.write(to_csv(out["rows"]))
+    elif args.format == "json":
+        _print(out)
+    else:
+        print(to_table(out["rows"]))
+        print("report:", out["report"]["report.md"])
+    return 0
+
+
+def cmd_train_coder(args) -> int:
+    from flows.generate_codes import train_coders
+
+    methods = {m: args.bits for m in _csv_list(args.method)}
+    _print(run_flow(train_coders, args, dataset=args.dataset, model_id=args.features, methods=methods,
+                    force=args.force))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from flows.generate_codes import encode
+
+    out = run_flow(encode, args, dataset=args.dataset, model_id=args.features,
+                   coder_ids=_csv_list(args.coder), shards=args.shards, force=args.force)
+    _print(out)
+    return 1 if any(s["failed"] for s in out) else 0
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -169,6 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--model", required=True, help="model id (trained, or efficientnet-lite0-64 / minilm)")
     sp.add_argument("--shards", help="part range START:STOP (default all)")
+    sp.add_argument("--force", action="store_true")
+
+    sp = add("evaluate", cmd_evaluate, "one table of mAP / P@100 / costs per method x code length")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--features", default=None, help="model id whose features to use (default <dataset>-small-cnn)")
+    sp.add_argument("--methods", help="comma list (default: lsh,pca-rr,itq,pq,opq,float); also drq, "
+                                      "drq-per-length, llc, gsl, gsl-none, gsl-qloss")
+    sp.add_argument("--bits", help="comma list of code lengths (default 8,16,32,64)")
+    sp.add_argument("--R", type=int, default=None, help="mAP cut-off (default: all)")
+    sp.add_argument("--run-id")
+    sp.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    sp = add("train-coder", cmd_train_coder, "fit and register coders on a dataset's train features")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--features", required=True, help="model id whose features to use")
+    sp.add_argument("--method", default="drq", help="comma list of methods")
+    sp.add_argument("--bits", type=int, default=64, help="code length (DRQ: the longest; shorter are prefixes)")
+    sp.add_argument("--force", action="store_true")
+
+    sp = add("encode", cmd_encode, "encode every features shard with registered coders")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--features", required=True)
+    sp.add_argument("--coder", required=True, help="comma list of coder ids")
+    sp.add_argument("--shards")
     sp.add_argument("--force", action="store_true")
     return p
 

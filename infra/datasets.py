@@ -270,7 +270,8 @@ def png_bytes(pixels: np.ndarray, compress_level: int = 1) -> list[bytes]:
     """Encode (n, H, W) uint8 grey images as PNG bytes, one per image (PIL).
 
     compress_level 1: 28x28 images are tiny, higher levels save a few bytes at a large time cost.
-    Measured here: ~70k 28x28 images in ~2 s on one core.
+    Measured here (2 shared cores): 10,000 28x28 images in 0.55 s (~3.9 s for 70k; ~520 B each);
+    `decode_png` 0.39 s per 10,000.
     """
     from PIL import Image
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,12 @@ class Settings:
     code_bits: tuple[int, ...] = (8, 16, 32, 64)
     seed: int = 0
     dev_dir: str = str(REPO_ROOT / ".codeshard")  # local services' data (SeaweedFS, Prefect home)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
         """Defaults < `CODESHARD_<FIELD>` env vars < non-None keyword overrides (CLI flags)."""
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
             env = os.environ.get(f"CODESHARD_{f.name.upper()}")
             if env is not None and env != "":
                 values[f.name] = _coerce(f.name, env)
@@ -82,14 +79,14 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "extra" or v is None:
+            if v is None:
                 continue
             out[f"CODESHARD_{f.name.upper()}"] = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
         return out
 
     def masked(self) -> dict[str, str]:
         """Settings plus the credential sources in use, with every secret masked (for `doctor`)."""
-        out = {k: str(v) for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        out = {k: str(v) for k, v in dataclasses.asdict(self).items()}
         out["aws_access_key_id"] = mask(os.environ.get("AWS_ACCESS_KEY_ID", ""))
         out["aws_secret_access_key"] = "****" if os.environ.get("AWS_SECRET_ACCESS_KEY") else "(not set)"
         out["prefect_api_url"] = os.environ.get("PREFECT_API_URL", "(ephemeral)")

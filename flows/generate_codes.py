@@ -1,0 +1,64 @@
+"""Code generation: train coders once on (dataset, model) features, then encode every shard."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.progress import gather, publish_summary, summarize
+from infra import layout
+from infra.planner import parse_shard_range, select_shards
+from infra.settings import Settings
+from infra.store import open_store
+from tasks.codes import coder_id_for, encode_shard, train_coder
+
+# The longest code each method is trained for; DRQ yields every shorter length as a prefix.
+DEFAULT_METHODS = {"drq": 64}
+
+
+@flow(name="train-coders", log_prints=True)
+def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = None,
+                 params: dict[str, dict[str, Any]] | None = None, force: bool = False,
+                 settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Fit and register one coder per {method: bits}; returns their cards (small dicts)."""
+    cfg = Settings.load(**(settings or {}))
+    methods = methods or DEFAULT_METHODS
+    futures = [train_coder.submit(cfg, dataset, model_id, m, b, (params or {}).get(m), force)
+               for m, b in methods.items()]
+    cards = [f.result() for f in futures]
+    for c in cards:
+        print(f"coder {c['coder_id']}: lengths {c['lengths']}, val {c['val']}")
+    return cards
+
+
+@flow(name="encode", log_prints=True)
+def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None = None,
+           force: bool = False, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Encode features/<dataset>/<model_id>/ shards (in `shards`) with each registered coder."""
+    cfg = Settings.load(**(settings or {}))
+    store = open_store(cfg)
+    refs = select_shards(store.list(layout.features_prefix(dataset, model_id)), parse_shard_range(shards))
+    if not refs:
+        raise ValueError(f"no features for {dataset}/{model_id}: run `codeshard extract` first")
+    summaries = []
+    for coder_id in coder_ids:
+        futures = [encode_shard.submit(cfg, dataset, model_id, coder_id, ref, force) for ref in refs]
+        s = summarize("encode", gather(futures, f"encode {coder_id}"))
+        s["coder_id"] = coder_id
+        publish_summary(s, key=f"encode-{dataset}-{coder_id}".lower().replace(".", "-"))
+        summaries.append(s)
+    return summaries
+
+
+@flow(name="generate-codes", log_prints=True)
+def generate_codes(dataset: str, model_id: str, methods: dict[str, int] | None = None,
+                   shards: str | None = None, force: bool = False,
+                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """train-coders then encode: register each coder once, store each code once at full length."""
+    cards = train_coders(dataset, model_id, methods, force=force, settings=settings)
+    ids = [c["coder_id"] for c in cards]
+    get_run_logger().info("encoding with %s", ids)
+    return {"coders": ids, "encode": encode(dataset, model_id, ids, shards, force, settings=settings)}
+
+
+__all__ = ["coder_id_for", "encode", "generate_codes", "train_coders"]

@@ -1,0 +1,112 @@
+"""Coder tasks: train (fit + register) one coder; encode one features shard into a codes shard."""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from infra import layout
+from infra.features import load_features
+from infra.planner import ShardRef
+from infra.registry import RegistryError, coder_card, load_coder, register_coder
+from infra.settings import Settings
+from infra.shards import codes_table, features_matrix, read_table, validate_features
+from infra.store import Store, open_store
+from tasks.stage import is_store_error, logger, run_shard_stage
+
+ENCODE_VERSION = "encode-1"
+
+
+def coder_id_for(method: str, bits: int, model_id: str) -> str:
+    """Stable coder id: '<method>-<bits>-<model_id>' (DRQ: bits = its longest code)."""
+    return f"{method}-{bits}-{model_id}"
+
+
+def features_fingerprint(store: Store, dataset: str, model_id: str) -> str:
+    """Checksum over the features shards' ETags: a coder is retrained only when they change."""
+    h = hashlib.sha256()
+    for info in store.list(layout.features_prefix(dataset, model_id)):
+        h.update(f"{info.key}:{info.etag};".encode())
+    return h.hexdigest()[:16]
+
+
+def val_metrics(coder, val, gallery) -> dict[str, float]:
+    """mAP (R=all) of `val` queries against the train gallery at every length the coder makes.
+    Used for the card and for selection; the query split is never touched."""
+    from encoders.metrics import mean_average_precision
+
+    codes = coder.encode(gallery.x)
+    out = {}
+    for bits in coder.lengths:
+        c = codes if bits == coder.full_bits else coder.prefix_codes(codes, bits)
+        r = mean_average_precision(lambda sl: coder.scores(val.x[sl], c, bits), val.labels, gallery.labels)
+        out[f"val_map@{bits}"] = round(float(r["map"]), 6)
+    return out
+
+
+@task(name="train_coder", tags=["heavy"])
+def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bits: int,
+                params: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+    """Fit `method` at `bits` on the train split of (dataset, model_id) features, selecting on val;
+    register coders/<coder_id>/. Skipped when a coder for the same features exists. Returns its card."""
+    from encoders.coders import make_coder
+
+    store = open_store(settings)
+    coder_id = coder_id_for(method, bits, model_id)
+    fp = features_fingerprint(store, dataset, model_id)
+    if not force:
+        try:
+            card = coder_card(store, coder_id)
+            if card.get("features_fingerprint") == fp:
+                logger().info("coder %s exists for these features: skipped", coder_id)
+                return card
+        except RegistryError:
+            pass
+    data = load_features(store, dataset, model_id, splits=("train", "val"))
+    coder = make_coder(method, bits=bits, seed=settings.seed, **(params or {}))
+    t0 = time.perf_counter()
+    report = coder.fit(data["train"].x, data["train"].labels, (data["val"].x, data["val"].labels))
+    fit_s = time.perf_counter() - t0
+    metrics = val_metrics(coder, data["val"], data["train"])
+    logger().info("coder %s: fit %.1fs, %s", coder_id, fit_s, metrics)
+    card = {"dataset": dataset, "model_id": model_id, "bits": bits, "lengths": list(coder.lengths),
+            "symmetric": coder.symmetric, "bytes_per_item": coder.bytes_per_item(),
+            "config": coder.config_dict(), "fit_s": fit_s, "fit_report": dict(report.val_metrics),
+            "val": metrics, "features_fingerprint": fp, "train_rows": len(data["train"])}
+    return register_coder(store, coder_id, coder.state(), card)
+
+
+@task(name="encode_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=is_store_error, tags=["heavy"])
+def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str, ref: ShardRef,
+                 force: bool = False) -> dict[str, Any]:
+    """Encode one features shard with a registered coder into codes/<dataset>/<coder_id>/part-N
+    (full-length codes, stored once). Cost: the coder's encode, ~1-20 µs per item on CPU."""
+    store = open_store(settings)
+    coder, card = load_coder(store, coder_id)
+
+    def work():
+        table = read_table(store, ref.key)
+        validate_features(ref.key, table)
+        x = features_matrix(table)
+        t0 = time.perf_counter()
+        codes = coder.encode(x)
+        dt = time.perf_counter() - t0
+        return codes_table(table.column("id").to_numpy(), codes), {
+            "encode_us_per_item": 1e6 * dt / max(1, len(x)), "bytes_per_item": int(codes.shape[1])}
+
+    outcome = run_shard_stage(store, stage="encode", dataset=dataset, output_id=coder_id, ref=ref,
+                              output_key=layout.codes_key(dataset, coder_id, ref.part),
+                              code_version=f"{ENCODE_VERSION}:{coder_id}:{card['checksum']}",
+                              force=force, work=work)
+    return outcome.as_dict()
+
+
+def encode_queries(store: Store, coder_id: str, x: np.ndarray) -> np.ndarray:
+    """Codes of float vectors with a registered coder (query side; no store writes)."""
+    coder, _ = load_coder(store, coder_id)
+    return coder.encode(x)
