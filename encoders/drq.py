@@ -51,9 +51,10 @@ class DRQConfig:
     proxy_temperature: float = 0.1  # cosine-logit temperature of the proxy loss
     triplet_margin: float = 0.2
     assign: str = "l2"              # level assignment: "l2" (nearest s_m C_k) or "cos" (max cosine)
-    score: str = "ip"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2 (norms from codes)
+    score: str = "ip"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2; "cos": <q, z_hat>/||z_hat||
     soft_temperature: float = 0.05  # tau of the soft assignment softmax(similarity / tau)
     quant_weight: float = 1.0       # weight of the quantisation losses against the similarity loss
+    recon_sim_weight: float = 0.0   # similarity loss on the (soft) reconstruction of every prefix
     prefix_loss: bool = True        # average quantisation losses over every prefix length
     finetune_embedding: bool = True  # keep training the MLP during the codebook stages
     epochs_embed: int = 30
@@ -74,8 +75,8 @@ class DRQConfig:
             raise ValueError(f"drq: similarity_loss must be 'proxy' or 'triplet', got {self.similarity_loss!r}")
         if self.assign not in ("l2", "cos"):
             raise ValueError(f"drq: assign must be 'l2' or 'cos', got {self.assign!r}")
-        if self.score not in ("ip", "l2"):
-            raise ValueError(f"drq: score must be 'ip' or 'l2', got {self.score!r}")
+        if self.score not in ("ip", "l2", "cos"):
+            raise ValueError(f"drq: score must be 'ip', 'l2' or 'cos', got {self.score!r}")
 
     @property
     def bits_per_level(self) -> int:
@@ -404,6 +405,10 @@ class DRQCoder(Coder):
                     z = net.embed(xb) if cfg.finetune_embedding else net.embed(xb).detach()
                     _, hards, softs = net.quantize(z, stage_levels, soft=True)
                     loss = _similarity_loss(cfg, z, yb, proxies) + cfg.quant_weight * _quant_losses(cfg, z, hards, softs)
+                    if cfg.recon_sim_weight > 0:
+                        prefixes = softs.cumsum(0)  # (L, n, D)
+                        loss = loss + cfg.recon_sim_weight * sum(
+                            _similarity_loss(cfg, F.normalize(p, dim=1), yb, proxies) for p in prefixes) / len(prefixes)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -496,6 +501,8 @@ class DRQCoder(Coder):
             out *= 2
             out -= zn[None, :]
             out -= (qe ** 2).sum(1)[:, None]
+        elif self.config.score == "cos":
+            out /= np.sqrt((self.reconstruct(codes, bits) ** 2).sum(1)).clip(1e-12)[None, :]
         return out
 
     # -- persistence ----------------------------------------------------------------------------

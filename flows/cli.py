@@ -165,6 +165,54 @@ def cmd_encode(args) -> int:
     return 1 if any(s["failed"] for s in out) else 0
 
 
+def cmd_pipeline(args) -> int:
+    from flows.pipeline import pipeline
+    from infra.reports import to_table
+
+    out = run_flow(pipeline, args, dataset=args.dataset, model_id=args.model, epochs=args.epochs,
+                   bits=_csv_list(args.bits, int), force=args.force)
+    print()
+    print(f"== pipeline {args.dataset}: model {out['model_id']}")
+    for stage in ("ingest", "extract"):
+        s = out[stage]
+        print(f"  {stage:8s} {s['shards']} shards: {s['done']} done, {s['skipped']} skipped, "
+              f"{len(s['quarantined'])} quarantined, {len(s['failed'])} failed ({s['rows']} rows)")
+    for s in out["encode"]:
+        print(f"  encode   {s['coder_id']}: {s['done']} done, {s['skipped']} skipped")
+    print("\n== evaluation (query vs database, mAP@all)")
+    print(to_table(out["evaluation"]["rows"]))
+    print("report:", out["evaluation"]["report"]["report.md"])
+    print("\n== indexes")
+    for i in out["indexes"]:
+        print(f"  {i['name']}: v{i.get('version')} ({i.get('status')}) {i.get('uri')}")
+    return 0
+
+
+def cmd_backfill(args) -> int:
+    from flows.backfill import backfill
+
+    _print(run_flow(backfill, args, dataset=args.dataset, model_id=args.model or f"{args.dataset}-small-cnn",
+                    shards=args.shards, stages=_csv_list(args.stages), coder_ids=_csv_list(args.coders),
+                    force=args.force))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.deployments import serve_all
+
+    serve_all()
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from flows.deployments import deploy_all
+
+    for dep_id in deploy_all(args.pool):
+        print("deployed", dep_id)
+    print(f"start a worker: prefect worker start --pool {args.pool}  (with CODESHARD_REPO={os.getcwd()})")
+    return 0
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -234,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--coder", required=True, help="comma list of coder ids")
     sp.add_argument("--shards")
     sp.add_argument("--force", action="store_true")
+
+    sp = add("pipeline", cmd_pipeline, "the whole pipeline: ingest, backbone, extract, coders, encode, indexes, evaluate")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--model", help="use this registered model instead of training <dataset>-small-cnn")
+    sp.add_argument("--epochs", type=int, default=8)
+    sp.add_argument("--bits", help="code lengths to index and evaluate (default 8,16,32,64)")
+    sp.add_argument("--force", action="store_true")
+
+    sp = add("backfill", cmd_backfill, "re-run stages over a shard range (done shards skipped unless --force)")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--model", help="model id (default <dataset>-small-cnn)")
+    sp.add_argument("--shards", required=True, help="part range START:STOP, e.g. 120:180")
+    sp.add_argument("--stages", default="extract,codes,index")
+    sp.add_argument("--coders", help="coder ids for the codes stage (default: all registered for the model)")
+    sp.add_argument("--force", action="store_true")
+
+    add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL)")
+    sp = add("deploy", cmd_deploy, "register prefect.yaml's deployments with a work pool")
+    sp.add_argument("--pool", required=True)
     return p
 
 

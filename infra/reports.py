@@ -20,6 +20,15 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def read_csv_rows(text: str) -> list[dict[str, Any]]:
+    """Inverse of `to_csv`, numbers typed back."""
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        rows.append({k: (v if k == "method" else (int(v) if k in ("bits", "bytes_per_item") else float(v)))
+                     for k, v in r.items()})
+    return rows
+
+
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "".join("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |\n" for r in rows)
