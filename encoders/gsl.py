@@ -300,10 +300,10 @@ class GSLCoder(Coder):
         self.net = net
         emb = self._embed_with(net, x)
         self.quantizer = PQQuantizer(cfg.dim, self.m, opq=cfg.opq, seed=1234).fit(emb)
-        metrics: dict[str, float] = {"train_sim_loss_last_epoch": epoch_loss, "steps": float(step), "refits": float(n_refits),
-                                     "train_quant_mse": self._quant_mse(emb)}
+        metrics: dict[str, float] = {"train_sim_loss_last_epoch": epoch_loss, "steps": float(step),
+                                     "refits": float(n_refits), "train_quant_mse": self._quant_mse(emb)}
         if val is not None:
-            metrics.update(self._val_metrics(val, classes))
+            metrics.update(self._val_metrics(val))
         return FitReport(fit_s=time.perf_counter() - t0, val_metrics=metrics)
 
     # ---- Coder interface ----------------------------------------------------------------------
@@ -363,7 +363,7 @@ class GSLCoder(Coder):
         rec = self.quantizer.decode(self.quantizer.encode(emb))
         return float(((emb - rec) ** 2).sum(1).mean())
 
-    def _val_metrics(self, val: tuple[np.ndarray, np.ndarray], classes: np.ndarray) -> dict[str, float]:
+    def _val_metrics(self, val: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
         vx = np.ascontiguousarray(val[0], dtype=np.float32)
         vy = np.asarray(val[1])
         emb = self.embed(vx)

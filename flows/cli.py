@@ -213,6 +213,48 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_index_build(args) -> int:
+    from flows.build_index import build_index
+
+    s = run_flow(build_index, args, dataset=args.dataset, coder_id=args.coder, bits=args.bits, name=args.name,
+                 memory_budget=args.memory_budget, force=args.force, shards_per_task=args.shards_per_task,
+                 index_type=args.index_type)
+    _print(s)
+    if s["status"] == "superseded":
+        print(f"codeshard index build: another run published v{s.get('current_version')} of {s['name']} first; "
+              f"this build was discarded. Run `codeshard index refresh --name {s['name']}` to add anything newer.",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_index_refresh(args) -> int:
+    from flows.refresh_index import refresh_index
+
+    _print(run_flow(refresh_index, args, name=args.name, shards_per_task=args.shards_per_task))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from infra.search import Searcher, query_feature
+    from infra.settings import Settings
+    from infra.store import open_store
+
+    cfg = Settings.load(**overrides(args))
+    store = open_store(cfg)
+    searcher = Searcher(store, args.name, poll_seconds=0)
+    if args.id is not None:
+        res = searcher.search_by_id(args.id, args.k)
+    else:
+        model_id = searcher.current().build.get("model_id")
+        if not model_id:
+            raise ValueError(f"index {args.name} records no model_id: search it --id")
+        image = open(args.image, "rb").read() if args.image else None
+        res = searcher.search(query_feature(store, model_id, image=image, text=args.text,
+                                            device=cfg.torch_device()), args.k)
+    _print({"name": args.name, "version": res.version, "hits": res.hits[0]})
+    return 0
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -297,6 +339,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stages", default="extract,codes,index")
     sp.add_argument("--coders", help="coder ids for the codes stage (default: all registered for the model)")
     sp.add_argument("--force", action="store_true")
+
+    index = sub.add_parser("index", help="build and refresh faiss indexes over stored codes")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    sp = index_sub.add_parser("build", help="build and publish an index of one coder x code length")
+    _settings_args(sp)
+    sp.set_defaults(fn=cmd_index_build)
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--coder", required=True, help="coder id (codes/<dataset>/<coder>/ must exist)")
+    sp.add_argument("--bits", type=int, help="code length (default: the coder's longest)")
+    sp.add_argument("--name", help="index name (default <dataset>-<coder>-<bits>b)")
+    sp.add_argument("--memory-budget", default="2GB", help="resident memory the index may take (e.g. 2GB, 512MB)")
+    sp.add_argument("--index-type", help="force a type: binary-flat, binary-ivf, pq-lut, rq-lut, coder-lut, "
+                                         "flat, ivf-flat, hnsw")
+    sp.add_argument("--shards-per-task", type=int, help="code shards per partial-index task (default: by memory)")
+    sp.add_argument("--force", action="store_true", help="rebuild even if CURRENT covers the same shards")
+    sp = index_sub.add_parser("refresh", help="add shards new since CURRENT; publish the next version")
+    _settings_args(sp)
+    sp.set_defaults(fn=cmd_index_refresh)
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--shards-per-task", type=int)
+
+    sp = add("search", cmd_search, "top-k of a published index for a stored item, an image or a text")
+    sp.add_argument("--name", required=True)
+    q = sp.add_mutually_exclusive_group(required=True)
+    q.add_argument("--id", type=int, help="a stored item id (its stored feature is the query)")
+    q.add_argument("--image", help="an image file (embedded with the coder's model)")
+    q.add_argument("--text", help="a text (embedded with the coder's model)")
+    sp.add_argument("-k", type=int, default=10)
 
     add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL)")
     sp = add("deploy", cmd_deploy, "register prefect.yaml's deployments with a work pool")

@@ -469,7 +469,7 @@ def configure_search(ci: CodeIndex) -> None:
     """Search-time parameters from the plan (nprobe, efSearch)."""
     if ci.plan.index_type in IVF_TYPES:
         ci.index.nprobe = ci.plan.nprobe
-    elif ci.plan.index_type == HNSW:
+    elif ci.plan.index_type == HNSW and hasattr(ci.index, "hnsw"):  # hnsw partials are flat
         ci.index.hnsw.efSearch = ci.plan.ef_search or HNSW_EF_SEARCH
 
 
@@ -810,8 +810,9 @@ class RefreshDelta:
 
     added: list  # ShardRef: new keys
     changed: list  # ShardRef: same key, new checksum (its old rows are removed, the shard re-read)
-    removed: list[dict[str, Any]]  # build.json inputs whose key disappeared
+    removed: list[dict[str, Any]]  # build.json inputs/invalid entries whose key disappeared
     unchanged: int
+    drop_parts: list[int]  # parts whose indexed rows must go (changed or removed shards that had rows)
 
     @property
     def empty(self) -> bool:
@@ -821,24 +822,24 @@ class RefreshDelta:
     def to_read(self) -> list:
         return sorted([*self.added, *self.changed], key=lambda r: r.part)
 
-    @property
-    def drop_parts(self) -> list[int]:
-        return sorted({int(r.part) for r in self.changed} | {int(i["part"]) for i in self.removed})
-
 
 def plan_refresh(inputs: Sequence[dict[str, Any]], listing: Sequence[Any]) -> RefreshDelta:
-    """Compare a version's inputs (build.json 'inputs' + 'invalid', each with key and checksum) with
-    the current listing (ShardRefs). Pure, O(shards)."""
+    """Compare a version's inputs (build.json 'inputs' + 'invalid', each with key, part, checksum;
+    invalid ones carry a 'reason' and have no rows) with the current listing (ShardRefs). Pure,
+    O(shards)."""
     known = {i["key"]: i for i in inputs}
-    added, changed, unchanged = [], [], 0
+    added, changed, unchanged, drop = [], [], 0, set()
     for ref in listing:
         old = known.get(ref.key)
         if old is None:
             added.append(ref)
         elif old["checksum"] != ref.checksum:
             changed.append(ref)
+            if "reason" not in old:
+                drop.add(int(old["part"]))
         else:
             unchanged += 1
     keys = {r.key for r in listing}
     removed = [i for i in inputs if i["key"] not in keys]
-    return RefreshDelta(added, changed, removed, unchanged)
+    drop |= {int(i["part"]) for i in removed if "reason" not in i}
+    return RefreshDelta(added, changed, removed, unchanged, sorted(drop))

@@ -45,7 +45,9 @@ def _load(data: bytes) -> Any:
 def read_card(store: Store, prefix: str) -> dict[str, Any]:
     try:
         return json.loads(store.read_bytes(prefix + "card.json"))
-    except StoreError:
+    except StoreError as e:
+        if not str(e).startswith("no object"):
+            raise  # unreachable store, missing bucket, bad credentials: say so, not "unknown model"
         raise RegistryError(f"nothing registered at {store.uri_of(prefix)} (no card.json)") from None
 
 

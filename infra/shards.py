@@ -46,13 +46,28 @@ def codes_schema(nbytes: int) -> pa.Schema:
 
 
 # -- readers ----------------------------------------------------------------------------------
+def _store_failure(store: Store, key: str, e: BaseException) -> StoreError | None:
+    """A StoreError when pyarrow's exception is an I/O failure of the store (S3 errors read
+    'AWS Error …'; local ones carry an errno), None when it is the bytes that are bad. A transient
+    store fault must be retried, never quarantined as bad input (quarantine sticks until --force)."""
+    if isinstance(e, StoreError):
+        return e
+    if isinstance(e, OSError) and ("AWS Error" in str(e) or e.errno is not None):
+        from infra.store import _clean
+
+        return StoreError(f"read {store.uri_of(key)} failed: {_clean(e)}")
+    return None
+
+
 def open_parquet(store: Store, key: str) -> pq.ParquetFile:
-    """Open a shard for streaming; unreadable/truncated files raise ShardInvalid."""
+    """Open a shard for streaming; unreadable/truncated files raise ShardInvalid, store failures
+    StoreError."""
     try:
         return pq.ParquetFile(store.open_input(key))
-    except StoreError:
-        raise
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        err = _store_failure(store, key, e)
+        if err is not None:
+            raise err from None
         raise ShardInvalid(key, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 
@@ -65,6 +80,9 @@ def iter_batches(store: Store, key: str, columns: Sequence[str] | None = None,
     except ShardInvalid:
         raise
     except Exception as e:
+        err = _store_failure(store, key, e)
+        if err is not None:
+            raise err from None
         raise ShardInvalid(key, f"corrupt Parquet data ({type(e).__name__}: {e})") from None
 
 
@@ -74,6 +92,9 @@ def read_table(store: Store, key: str, columns: Sequence[str] | None = None) -> 
     try:
         return pf.read(columns=list(columns) if columns else None)
     except Exception as e:
+        err = _store_failure(store, key, e)
+        if err is not None:
+            raise err from None
         raise ShardInvalid(key, f"corrupt Parquet data ({type(e).__name__}: {e})") from None
 
 

@@ -8,7 +8,8 @@ and on the local store an fcntl lock + ETag compare + rename.
 
 Data goes through boto3 for whole objects and pyarrow's filesystem for streaming Parquet reads;
 retries come from botocore's "standard" mode and pyarrow's AwsStandardS3RetryStrategy, never a
-hand-rolled loop. Credentials come from the standard AWS chain and are never logged.
+hand-rolled loop (one exception: a GET body cut after botocore returned, which botocore cannot
+retry; see S3Store.read_with_etag). Credentials come from the standard AWS chain, never logged.
 """
 from __future__ import annotations
 
@@ -46,18 +47,35 @@ class ObjectInfo:
 
 
 class Store:
-    """Base class; use `open_store(settings)`. Subclasses: LocalStore, S3Store."""
+    """Base class; use `open_store(settings)`. Subclasses: LocalStore, S3Store.
+
+    `reads` / `writes` count object reads and writes per store URI + key, shared by every Store
+    of this process (tasks open their own), so tests and benchmarks can prove what was touched."""
 
     uri: str
-
-    def __init__(self) -> None:
-        # Reads per key, so tests and benchmarks can prove what was (not) read.
-        self.reads: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
+    reads: collections.Counter[str] = collections.Counter()
+    writes: collections.Counter[str] = collections.Counter()
+    _lock = threading.Lock()
 
     def _count_read(self, key: str) -> None:
-        with self._lock:
-            self.reads[key] += 1
+        with Store._lock:
+            Store.reads[self.uri_of(key)] += 1
+
+    def _count_write(self, key: str) -> None:
+        with Store._lock:
+            Store.writes[self.uri_of(key)] += 1
+
+    def read_count(self, prefix: str = "") -> int:
+        """Object reads so far (this process) of keys under `prefix` in this store."""
+        full = self.uri_of(prefix)
+        with Store._lock:
+            return sum(n for k, n in Store.reads.items() if k.startswith(full))
+
+    def write_count(self, prefix: str = "") -> int:
+        """Object writes so far (this process) of keys under `prefix` in this store."""
+        full = self.uri_of(prefix)
+        with Store._lock:
+            return sum(n for k, n in Store.writes.items() if k.startswith(full))
 
     # -- whole objects ---------------------------------------------------------------------
     def read_bytes(self, key: str) -> bytes:
@@ -131,7 +149,6 @@ class LocalStore(Store):
     """A folder on local disk. ETag = md5 of the content (cached by mtime+size)."""
 
     def __init__(self, root: str | Path) -> None:
-        super().__init__()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.uri = f"file://{self.root}"
@@ -155,6 +172,7 @@ class LocalStore(Store):
 
     def write_bytes(self, key: str, data: bytes) -> str:
         path = self._path(key)
+        self._count_write(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -240,7 +258,6 @@ class S3Store(Store):
     """`s3://bucket/prefix` through boto3 (objects, conditional writes) and pyarrow (streaming)."""
 
     def __init__(self, uri: str, settings: Settings) -> None:
-        super().__init__()
         import boto3
         from botocore.config import Config
 
@@ -285,11 +302,27 @@ class S3Store(Store):
         return self.read_with_etag(key)[0]
 
     def read_with_etag(self, key: str) -> tuple[bytes, str]:
+        """GET `key`. botocore retries the request but not the body read that follows it (the
+        body streams after the call returns), so a body cut mid-transfer is fetched again here,
+        within the same attempt budget (`s3_retries`), then reported as a StoreError."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
         self._count_read(key)
-        r = self._call("get", key, self.client.get_object, Key=self._k(key))
-        return r["Body"].read(), r["ETag"].strip('"')
+        attempts = max(1, self.settings.s3_retries)
+        for attempt in range(1, attempts + 1):
+            r = self._call("get", key, self.client.get_object, Key=self._k(key))
+            try:
+                return r["Body"].read(), r["ETag"].strip('"')
+            except (BotoCoreError, HTTPError, OSError) as e:
+                if attempt == attempts:
+                    raise StoreError(f"get {self.uri_of(key)} failed: body cut after {attempts} "
+                                     f"attempts: {_clean(e)}") from None
+                LOG.debug("get %s: body read failed (%s), fetching again", self.uri_of(key), type(e).__name__)
+        raise AssertionError("unreachable")
 
     def write_bytes(self, key: str, data: bytes) -> str:
+        self._count_write(key)
         r = self._call("put", key, self.client.put_object, Key=self._k(key), Body=data)
         return r["ETag"].strip('"')
 
@@ -300,6 +333,7 @@ class S3Store(Store):
             kw["IfMatch"] = f'"{if_match}"'
         if if_none_match:
             kw["IfNoneMatch"] = "*"
+        self._count_write(key)
         r = self._call("conditional put", key, self.client.put_object, **kw)
         return r["ETag"].strip('"')
 

@@ -54,6 +54,7 @@ class _Message:
     headers: list[tuple[str, str]]
     body: bytes = b""
     chunked: bool = False
+    to_close: bool = False  # response body ran to the end of the connection
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -238,12 +239,13 @@ class FaultProxy:
                             raise
                 with self._lock:
                     self.forwarded += 1
-                if fault == "drop_response":
-                    client.sendall(resp.head_bytes() + resp.body[: len(resp.body) // 2])
+                if fault == "drop_response":  # the server did the work; the client sees a cut
+                    if resp.body:
+                        client.sendall(resp.head_bytes() + resp.body[: len(resp.body) // 2])
                     return
                 client.sendall(resp.head_bytes() + resp.body)
                 close = any((m.header("connection") or "").lower() == "close" for m in (req, resp))
-                if close or resp.to_close:  # type: ignore[attr-defined]
+                if close or resp.to_close:
                     return
         except (OSError, ProxyProtocolError, ValueError) as e:
             LOG.debug("faultproxy connection ended: %s", e)
@@ -328,12 +330,11 @@ def _read_response(f, method: str, max_body: int) -> _Message:
         if 100 <= status < 200:
             continue  # interim response (we strip Expect, so rare): not relayed
         break
-    resp.to_close = False  # type: ignore[attr-defined]
     if method == "HEAD" or status in (204, 304):
         return resp
     if resp.header("content-length") is None and "chunked" not in (resp.header("transfer-encoding") or "").lower():
         resp.body = f.read()  # body runs to the end of the connection
-        resp.to_close = True  # type: ignore[attr-defined]
+        resp.to_close = True
         return resp
     _read_body(f, resp, max_body)
     return resp

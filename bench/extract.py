@@ -1,0 +1,284 @@
+"""Feature-extraction throughput: the real `extract_features` flow vs a bare torch forward loop.
+
+Usage: .venv/bin/python bench/extract.py [--batch-sizes 256,1024] [--shards 0:2] [--shard-rows 5000]
+                                        [--workers 2] [--reps 2] [--profile] [--device cpu|cuda]
+
+Setup (not timed): a local store (file:// in a temp dir), Fashion-MNIST ingested by the real
+`ingest` flow into shards of `--shard-rows` rows, and a freshly initialised SmallCNN (embed_dim 128)
+registered the way tests/helpers.py registers its untrained CNN.
+
+Sides, timed alternately (bare, flow, skip, bare, flow, skip, ...), medians of `--reps` rounds:
+- bare: `module(preprocess(pixels[i:i+bs]))` over the already-decoded pixels of the same shards, in
+  memory, torch at `--bare-threads` (default: all cores). Decodes nothing, reads nothing.
+- flow: `extract_features(..., shards=S, force=True)` with the thread task runner the CLI uses
+  (`max_workers` from `--workers`): Parquet read, PNG decode, forward, Parquet write, manifests,
+  Prefect task/flow bookkeeping. Counted with and without the fixed per-run overhead.
+- skip: the same flow without force: every shard is skipped after reading its manifest, so its wall
+  time is the flow's fixed per-run overhead (Prefect flow + task runs, listing, manifest reads).
+Prefect's ephemeral-server start-up is measured once, separately (a no-op flow run first).
+
+--profile: afterwards, cProfile of one `extract_shard` call (its `.fn`, no Prefect engine) split into
+Parquet read / arrow->bytes / PNG decode / preprocess / forward / write / manifest, plus a
+forward-only torch-threads comparison (1 thread vs all cores) on one shard's pixels.
+
+Target (the issue): flow >= 0.8x bare images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+# Prefect settings must be in the environment before prefect is imported (STACK.md).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# A persistent home: a fresh one costs ~25 s of SQLite migrations per run (the Makefile sets its own).
+os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), "codeshard-bench-prefect"))
+# The table is the output; per-shard INFO logs would bury it.
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+
+import harness  # noqa: E402  (bench/harness, on sys.path as the script's folder)
+
+DATASET = "fashion-mnist"
+MODEL_ID = "bench-small-cnn"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", default="256,1024")
+    p.add_argument("--shards", default="0:2", help="part range extracted (half-open)")
+    p.add_argument("--shard-rows", type=int, default=4000)
+    p.add_argument("--workers", default="2", help="flow max_workers values to compare, e.g. 2,1")
+    p.add_argument("--bare-threads", default="1,0",
+                   help="torch thread counts of the bare loop, each its own side (0: all cores)")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--profile", action="store_true")
+    harness.add_device_arg(p)
+    return p.parse_args()
+
+
+def register_cnn(store, model_id: str, seed: int = 0) -> dict:
+    """tests/helpers.register_untrained_cnn's pattern at embed_dim 128 (tests/ is not importable from bench/)."""
+    import torch
+
+    from encoders.backbones import build_backbone
+    from infra.registry import register_model
+
+    torch.manual_seed(seed)
+    bb = build_backbone("small-cnn", embed_dim=128)
+    return register_model(store, model_id, "small-cnn", {"embed_dim": 128}, bb.module.state_dict(),
+                          {"source": "untrained (bench)", "input_hw": [28, 28], "feature_dim": 128})
+
+
+def shard_pixels(store, refs):
+    """Decoded pixels of the selected raw shards, in part order (the bare loop's input)."""
+    import numpy as np
+
+    from infra.images import decode_images
+    from infra.shards import read_table
+
+    out = []
+    for ref in refs:
+        t = read_table(store, ref.key, columns=["id", "image"])
+        out.append(decode_images(t.column("image").to_pylist(), t.column("id").to_numpy(), (28, 28)))
+    return np.concatenate(out)
+
+
+def main() -> int:
+    args = parse_args()
+    harness.require_device(args.device)
+    import numpy as np
+    import torch
+    from prefect import flow
+
+    from flows.extract_features import extract_features
+    from flows.ingest import ingest
+    from infra import layout
+    from infra.planner import parse_shard_range, select_shards
+    from infra.registry import load_backbone
+    from infra.runners import task_runner
+    from infra.settings import Settings
+    from infra.store import open_store
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    ncpu = os.cpu_count() or 1
+    bare_threads = sorted({int(t) or ncpu for t in args.bare_threads.split(",")})
+    tmp = tempfile.mkdtemp(prefix="codeshard-bench-extract-")
+    base = {"store": f"file://{tmp}/store", "shard_rows": args.shard_rows, "device": args.device}
+
+    def cfg(bs: int, mw: int) -> dict:
+        return {**base, "batch_size": bs, "max_workers": mw}
+
+    def runner_for(c: dict):
+        return task_runner(Settings.load(**c))
+
+    harness.header("extract: flow vs bare torch forward")
+    print(f"store: {base['store']}  PREFECT_HOME: {os.environ['PREFECT_HOME']}  load before: {harness.load_avg()}")
+
+    @flow(name="bench-noop")
+    def noop() -> int:
+        return 0
+
+    t_start = harness.timed(noop)  # ephemeral server start + first flow run
+    t_noop = harness.median([harness.timed(noop) for _ in range(3)])
+    c0 = cfg(batch_sizes[0], workers[0])
+    t_ingest = harness.timed(lambda: ingest.with_options(task_runner=runner_for(c0))(
+        DATASET, shard_rows=args.shard_rows, settings=c0))
+    store = open_store(Settings.load(**c0))
+    register_cnn(store, MODEL_ID)
+    refs = select_shards(store.list(layout.raw_prefix(DATASET)), parse_shard_range(args.shards))
+    pixels = shard_pixels(store, refs)
+    n = len(pixels)
+    backbone, _ = load_backbone(store, MODEL_ID, device=args.device)
+
+    def run_flow(c: dict, force: bool, want: str | None = None) -> dict:
+        s = extract_features.with_options(task_runner=runner_for(c))(
+            DATASET, MODEL_ID, shards=args.shards, force=force, settings=c)
+        want = want or ("done" if force else "skipped")
+        if s[want] != len(refs) or s["failed"] or s["quarantined"]:
+            raise RuntimeError(f"extract flow did not {want} all {len(refs)} shards: {s}")
+        return s
+
+    t_cold = harness.timed(lambda: run_flow(c0, force=False, want="done"))  # model load, first forward, etc.
+
+    def bare(bs: int, threads: int):
+        torch.set_num_threads(threads)  # the flow's task leaves torch at cpu_count // max_workers
+        with torch.inference_mode():
+            out = [backbone.module(backbone.preprocess(pixels[i:i + bs]).to(args.device)).float().cpu().numpy()
+                   for i in range(0, n, bs)]
+        return np.concatenate(out)
+
+    rows, rss = [], {}
+    skip_all = []
+    for bs in batch_sizes:
+        sides = {f"bare t={k}": lambda bs=bs, k=k: bare(bs, k) for k in bare_threads}
+        for mw in workers:
+            sides[f"flow w={mw}"] = lambda bs=bs, mw=mw: run_flow(cfg(bs, mw), force=True)
+        sides["skip"] = lambda bs=bs: run_flow(cfg(bs, workers[0]), force=False)
+
+        def with_rss(name, fn):
+            def run():
+                with harness.PeakRss() as r:
+                    fn()
+                rss[(bs, name)] = max(rss.get((bs, name), 0), r.peak)
+            return run
+
+        for k in bare_threads:
+            bare(bs, k)  # untimed warm-up at this batch size (oneDNN primitive cache)
+        load = harness.load_avg()
+        t = harness.interleave({k: with_rss(k, f) for k, f in sides.items()}, args.reps, warmup=False)
+        skip = harness.median(t["skip"])
+        skip_all += t["skip"]
+        bare_ips = max(n / harness.median(t[f"bare t={k}"]) for k in bare_threads)  # the best bare side
+        for k in bare_threads:
+            ips = n / harness.median(t[f"bare t={k}"])
+            rows.append([bs, "bare forward", f"{k}", ips, "", f"{ips / bare_ips:.2f}", "",
+                         harness.mib(rss[(bs, f'bare t={k}')]), harness.spread(t[f"bare t={k}"]), load])
+        for mw in workers:
+            wall = harness.median(t[f"flow w={mw}"])
+            ips = n / wall
+            ips_ex = n / max(wall - skip, 1e-9)
+            rows.append([bs, f"flow max_workers={mw}", f"{max(1, ncpu // mw)} per task x {mw} tasks",
+                         ips, ips_ex, f"{ips / bare_ips:.2f}", f"{ips_ex / bare_ips:.2f}",
+                         harness.mib(rss[(bs, f'flow w={mw}')]), harness.spread(t[f"flow w={mw}"]), load])
+
+    print(f"images: {n} ({len(refs)} shards of {args.shard_rows} rows, parts {args.shards}), "
+          f"28x28 PNG, SmallCNN embed_dim 128 (untrained), device {args.device}")
+    print(f"fixed costs: Prefect ephemeral start-up + first flow run {t_start:.1f} s; "
+          f"no-op flow run {t_noop:.2f} s; ingest (70k images) {t_ingest:.1f} s; "
+          f"first (cold) extract run {t_cold:.1f} s ({n / t_cold:.0f} img/s incl. model load)")
+    print(f"per-run overhead of the extract flow (all shards skipped): median {harness.median(skip_all):.2f} s "
+          f"(range {harness.spread(skip_all)} s)")
+    harness.print_table(
+        ["batch", "side", "torch threads", "img/s", "img/s excl. run overhead", "ratio vs best bare",
+         "ratio excl. overhead", "peak RSS MiB", "wall s range", "load 1/5/15"], rows)
+    print(f"target: flow >= 0.8x the best bare side.  load after: {harness.load_avg()}")
+
+    if args.profile:
+        profile_one_shard(c0, refs[0], pixels[: args.shard_rows], backbone, batch_sizes[0], args)
+    return 0
+
+
+def profile_one_shard(c: dict, ref, pixels, backbone, bs: int, args) -> None:
+    """cProfile of one extract_shard call split by stage, then forward-only torch threads 1 vs all."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    from infra.settings import Settings
+    from tasks.extract import extract_shard
+
+    settings = Settings.load(**c)
+    prof = cProfile.Profile()
+    load = harness.load_avg()
+    prof.enable()
+    extract_shard.fn(settings, DATASET, MODEL_ID, ref, force=True)
+    prof.disable()
+    st = pstats.Stats(prof)
+    total = st.total_tt  # type: ignore[attr-defined]
+
+    def cum(file_part: str, func: str) -> float:
+        t = 0.0
+        for (fname, _line, name), (_cc, _nc, _tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+            if (name == func or name.startswith(f"<method '{func}'")) and file_part in fname:
+                t += ct
+        return t
+
+    stages = [
+        ("Parquet read (iter_batches)", cum("infra/shards.py", "iter_batches")),
+        ("PNG decode (decode_images)", cum("infra/images.py", "decode_images")),
+        ("preprocess (grey_preprocess)", cum("encoders/backbones.py", "grey_preprocess")),
+        ("forward incl. preprocess (_forward)", cum("tasks/extract.py", "_forward")),
+        ("Parquet write (write_table)", cum("infra/shards.py", "write_table")),
+        ("manifest write", cum("infra/manifests.py", "write_manifest")),
+        ("input head + md5 ETag", cum("infra/store.py", "head")),
+    ]
+    print()
+    print(f"### cProfile of one extract_shard call ({len(pixels)} rows, batch {bs}, "
+          f"max_workers={c['max_workers']} -> torch threads {torch.get_num_threads()}, load {load})")
+    harness.print_table(["stage (cumulative, may nest)", "s", "% of call"],
+                        [[name, s, f"{100 * s / total:.1f}"] for name, s in stages] + [["whole call", total, "100"]])
+    # cProfile inflates Python-heavy code (PIL's per-image calls); time decode and to_pylist bare too.
+    from infra.images import decode_images
+    from infra.shards import read_table
+    from infra.store import open_store
+
+    t = read_table(open_store(settings), ref.key, columns=["id", "image"])
+    col, ids = t.column("image"), t.column("id").to_numpy()
+    t_list = harness.median([harness.timed(col.to_pylist) for _ in range(3)])
+    blobs = col.to_pylist()
+    t_dec = harness.median([harness.timed(lambda: decode_images(blobs, ids, (28, 28))) for _ in range(3)])
+    print(f"without the profiler: to_pylist {1e6 * t_list / len(blobs):.1f} us/image, "
+          f"decode_images {1e6 * t_dec / len(blobs):.0f} us/image (one thread)")
+    print("top 10 by own time:")
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:10]  # type: ignore[attr-defined]
+    harness.print_table(["function", "calls", "own s", "cum s"],
+                        [[f"{os.path.basename(f)}:{line} {name}", nc, tt, ct]
+                         for (f, line, name), (_cc, nc, tt, ct, _) in rows])
+
+    # torch threads: forward only, same pixels, interleaved.
+    def fwd(threads: int):
+        def run():
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                for i in range(0, len(pixels), bs):
+                    backbone.module(backbone.preprocess(pixels[i:i + bs]).to(args.device))
+        return run
+
+    ncpu = os.cpu_count() or 1
+    sides = {f"{k} thread(s)": fwd(k) for k in sorted({1, ncpu})}
+    load = harness.load_avg()
+    t = harness.interleave(sides, max(args.reps, 3))
+    print()
+    print(f"### forward only, one process, {len(pixels)} images, batch {bs} (load {load})")
+    harness.print_table(["torch threads", "img/s", "wall s range"],
+                        [[k, len(pixels) / harness.median(v), harness.spread(v)] for k, v in t.items()])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Index build / refresh / search against SeaweedFS S3 under a real Prefect server.
+
+Data: synthetic clustered features (D=32) in 20 shards of 300 rows with raw metadata and features,
+real baseline coders (itq, pq, float) fitted on them and registered, code shards written with
+infra.shards.codes_table exactly as the encode stage writes them.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from encoders.coders import make_coder
+from flows.build_index import build_index
+from flows.refresh_index import refresh_index
+from infra import indexes as ix
+from infra import layout
+from infra.registry import register_coder
+from infra.search import Searcher
+from infra.settings import Settings
+from infra.shards import codes_table, features_table, write_table
+from infra.store import open_store
+from tests.conftest import settings_dict
+
+pytestmark = pytest.mark.s3
+
+DATASET, MODEL, D, ROWS = "synth", "synth-model", 32, 300
+
+
+def synthetic(parts: range, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, features, labels) of `parts`; ids are stable (not positions): 1_000_000 + part*1000 + row."""
+    centres = np.random.default_rng(42).normal(size=(10, D)).astype(np.float32) * 2
+    ids, xs, ys = [], [], []
+    for p in parts:
+        rng = np.random.default_rng(seed * 10_000 + p)
+        y = rng.integers(0, 10, ROWS)
+        xs.append((centres[y] + rng.normal(size=(ROWS, D))).astype(np.float32))
+        ys.append(y)
+        ids.append(1_000_000 + p * 1000 + np.arange(ROWS))
+    return np.concatenate(ids).astype(np.int64), np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_coders(store, methods=("itq", "pq", "float")) -> dict:
+    _, x, y = synthetic(range(4))
+    out = {}
+    for m in methods:
+        c = make_coder(m, bits=32)
+        c.fit(x, y)
+        cid = f"{m}-test"
+        register_coder(store, cid, c.state(), {"dataset": DATASET, "model_id": MODEL,
+                                               "lengths": list(c.lengths), "bits": c.full_bits})
+        out[cid] = c
+    return out
+
+
+def write_parts(store, coders: dict, parts: range, seed: int = 0) -> None:
+    """raw (id, text, label, split), features and one codes shard per coder, same part numbers."""
+    for p in parts:
+        ids, x, y = synthetic(range(p, p + 1), seed)
+        split = np.where(np.arange(ROWS) % 10 == 0, "query", "database")
+        raw = pa.table({"id": pa.array(ids), "text": [f"item {i}" for i in ids],
+                        "label": pa.array(y.astype(np.int32)), "split": split.tolist()})
+        write_table(store, layout.raw_key(DATASET, p), raw)
+        write_table(store, layout.features_key(DATASET, MODEL, p), features_table(ids, x))
+        for cid, c in coders.items():
+            write_table(store, layout.codes_key(DATASET, cid, p), codes_table(ids, c.encode(x)))
+
+
+def all_codes(coder, parts):
+    ids, x, _ = synthetic(parts)
+    return ids, x, coder.encode(x)
+
+
+def assert_equals_coder_ranking(res, coder, db_ids, db_codes, queries, k=10):
+    """Index hits == coder.search over every stored code, up to ties (same multiset of scores)."""
+    ref_scores, _ = coder.search(queries, db_codes, k)
+    full = coder.scores(queries, db_codes)
+    pos_of = {int(i): j for j, i in enumerate(db_ids)}
+    got = np.array([[full[r, pos_of[int(i)]] for i in row] for r, row in enumerate(res.ids)])
+    np.testing.assert_allclose(np.sort(got, 1), np.sort(ref_scores, 1), rtol=1e-4, atol=1e-4)
+
+
+def staged(store, name):
+    return [i.key for i in store.list(layout.index_prefix(name) + "_staging/")]
+
+
+def test_build_search_refresh_on_s3(prefect_server, s3_settings):
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    coders = fit_coders(store)
+    write_parts(store, coders, range(20))
+
+    # -- build: 5 batches of 4 shards, merged, evaluated, published -------------------------------
+    s = build_index(DATASET, "itq-test", 32, "synth-itq", memory_budget="64MB", shards_per_task=4, settings=cfg)
+    assert (s["status"], s["version"], s["n"], s["index_type"]) == ("published", 1, 6000, ix.BINARY_FLAT)
+    assert s["recall_at_10"] == 1.0 and s["batches"] == {"total": 5, "done": 5, "skipped": 0}
+    b = ix.read_build(store, "synth-itq", 1)
+    assert b["n"] == 6000 and b["index_bytes"] > 6000 * 4 and b["bits"] == 32 and b["coder_id"] == "itq-test"
+    assert set(b["seconds"]) >= {"train", "add_wall", "add_tasks", "merge", "eval", "total"}
+    assert b["peak_rss_bytes"]["merge"] > 0 and b["eval"]["queries"] == 500 and b["eval"]["p99_ms"] > 0
+    assert [i["part"] for i in b["inputs"]] == list(range(20))
+    assert all(i["checksum"] == store.head(i["key"]).etag for i in b["inputs"])
+    assert set(b["code_shards_read"]) == {layout.codes_key(DATASET, "itq-test", p) for p in range(20)}
+    assert not staged(store, "synth-itq")
+    keys = {i.key.rsplit("/", 1)[-1] for i in store.list(layout.index_version_prefix("synth-itq", 1))}
+    assert keys == {"_claim.json", "index.faiss", "ids.parquet", "build.json"}
+    # a second build over the same shards is skipped
+    assert build_index(DATASET, "itq-test", 32, "synth-itq", settings=cfg)["status"] == "skipped"
+
+    # -- search through CURRENT: the coder's own ranking, stable ids, metadata --------------------
+    searcher = Searcher(open_store(s3_settings), "synth-itq", poll_seconds=0)
+    itq = coders["itq-test"]
+    db_ids, db_x, db_codes = all_codes(itq, range(20))
+    queries = db_x[::300] + 0.1
+    res = searcher.search(queries, k=10)
+    assert res.version == 1 and res.ids.shape == (20, 10)
+    assert_equals_coder_ranking(res, itq, db_ids, db_codes, queries)
+    hit = res.hits[0][0]
+    assert set(hit) >= {"id", "score", "label", "split", "rank"} and hit["split"] in ("query", "database")
+    by_id = searcher.search_by_id(int(db_ids[123]), k=5)
+    assert by_id.ids[0][0] == db_ids[123] or by_id.scores[0][0] == 0.0  # itself (or a code twin) first
+    assert by_id.hits[0][0]["label"] == int(synthetic(range(0, 1))[2][123])
+
+    # -- refresh after adding 2 shards (10%): reads only those -----------------------------------
+    write_parts(store, coders, range(20, 22))
+    r = refresh_index("synth-itq", settings=cfg)
+    new_keys = {layout.codes_key(DATASET, "itq-test", p) for p in (20, 21)}
+    assert (r["status"], r["version"], r["n"], r["based_on"]) == ("published", 2, 6600, 1)
+    assert set(r["code_shards_read"]) == new_keys, r["code_shards_read"]
+    res2 = searcher.search(queries, k=10)
+    assert res2.version == 2 and searcher.loads == 2
+    db_ids, db_x, db_codes = all_codes(itq, range(22))
+    assert_equals_coder_ranking(res2, itq, db_ids, db_codes, queries)
+    # nothing new: up to date, no code shard read
+    again = refresh_index("synth-itq", settings=cfg)
+    assert (again["status"], again["version"], again["code_shards_read"]) == ("up-to-date", 2, {})
+
+    # -- a changed shard and a deleted shard: their old rows go, the changed one is re-read ----------
+    write_parts(store, {"itq-test": itq}, range(3, 4), seed=7)
+    store.delete(layout.codes_key(DATASET, "itq-test", 5))
+    r3 = refresh_index("synth-itq", settings=cfg)
+    assert (r3["status"], r3["version"], r3["n"]) == ("published", 3, 6300)
+    assert set(r3["code_shards_read"]) == {layout.codes_key(DATASET, "itq-test", 3)}
+    ci, b3 = ix.load_version(store, "synth-itq", 3)
+    assert len(np.unique(ci.ids)) == 6300 and not (ci.parts == 5).any()
+    new3 = synthetic(range(3, 4), seed=7)[0]
+    np.testing.assert_array_equal(np.sort(ci.ids[ci.parts == 3]), np.sort(new3))
+    assert b3["delta"]["changed"] == [layout.codes_key(DATASET, "itq-test", 3)]
+
+
+def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    coders = fit_coders(store, ("pq", "float"))
+    write_parts(store, coders, range(8))
+    db_ids, db_x, _ = synthetic(range(8))
+    queries = db_x[::200] + 0.05
+
+    s = build_index(DATASET, "pq-test", 32, "synth-pq", shards_per_task=3, settings=cfg)
+    assert (s["status"], s["index_type"], s["recall_at_10"]) == ("published", ix.PQ_LUT, 1.0)
+    res = Searcher(store, "synth-pq").search(queries, k=10)
+    pq_coder = coders["pq-test"]
+    assert_equals_coder_ranking(res, pq_coder, db_ids, pq_coder.encode(db_x), queries)
+
+    f = build_index(DATASET, "float-test", None, "synth-float-ivf", index_type="ivf-flat", settings=cfg)
+    assert f["index_type"] == ix.IVF_FLAT and f["recall_at_10"] >= 0.95, f
+    assert ix.read_build(store, "synth-float-ivf", 1)["trained"] is not None
+    assert store.head(ix.version_key("synth-float-ivf", 1, ix.TRAINED_FILE)) is not None
+    write_parts(store, {"float-test": coders["float-test"]}, range(8, 9))
+    r = refresh_index("synth-float-ivf", settings=cfg)  # IVF: new rows go into the trained lists
+    assert (r["status"], r["n"]) == ("published", 2700) and r["recall_at_10"] >= 0.95
+
+    with pytest.raises(ix.IndexBudgetError, match="raise --memory-budget or use a shorter code"):
+        build_index(DATASET, "pq-test", 32, "synth-pq-small", memory_budget="10KB", settings=cfg)
+    assert ix.read_current(store, "synth-pq-small") is None
+
+
+# -- two refreshes racing from two processes ---------------------------------------------------
+def _race_worker(settings: dict, name: str, barrier, results) -> None:
+    """Child process: run the real refresh flow; hold the first CURRENT move until both racers are
+    ready to move it, so both conditional writes carry the same If-Match."""
+    real = ix.commit_current
+    state = {"first": True}
+
+    def synced(*a, **kw):
+        if state["first"]:
+            state["first"] = False
+            barrier.wait(timeout=120)
+        return real(*a, **kw)
+
+    ix.commit_current = synced
+    try:
+        out = refresh_index(name, settings=settings)
+        results.put({k: out.get(k) for k in ("status", "version", "attempts", "n")})
+    except BaseException as e:  # noqa: BLE001 - report to the parent
+        results.put({"status": "error", "error": f"{type(e).__name__}: {e}"})
+
+
+def test_two_refreshes_race_exactly_one_wins(prefect_server, s3_settings):
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    coders = fit_coders(store, ("itq",))
+    write_parts(store, coders, range(6))
+    assert build_index(DATASET, "itq-test", 32, "race", settings=cfg)["version"] == 1
+    write_parts(store, coders, range(6, 8))
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race_worker, args=(cfg, "race", barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    reader = Searcher(open_store(s3_settings), "race", poll_seconds=0)
+    seen, q = set(), synthetic(range(1))[1][:3]
+    while any(p.is_alive() for p in procs):  # CURRENT always names a complete, loadable version
+        seen.add(reader.search(q, k=5).version)
+        time.sleep(0.05)
+    for p in procs:
+        p.join(30)
+    out = sorted([results.get(timeout=10) for _ in procs], key=lambda r: r["status"])
+    assert [r["status"] for r in out] == ["published", "up-to-date"], out
+    winner, loser = out
+    assert winner["attempts"] == 1 and loser["attempts"] == 2  # lost once, re-planned on top: nothing left
+    assert loser["version"] == winner["version"]
+    cur = ix.read_current(store, "race")
+    assert cur.version == winner["version"] and seen <= {1, winner["version"]}
+    published = [i.key for i in store.list(layout.index_prefix("race")) if i.key.endswith("/build.json")]
+    assert len(published) == 2  # v1 and the winner's; the loser's claimed version was discarded
+    ci, _ = ix.load_version(store, "race", cur.version)
+    assert ci.ntotal == 8 * ROWS == len(np.unique(ci.ids))
+
+
+# -- kill during a build -------------------------------------------------------------------------
+def test_kill_during_build_publishes_nothing_and_rerun_resumes(prefect_server, s3_settings):
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    coders = fit_coders(store, ("itq",))
+    write_parts(store, coders, range(20))
+    env = {**os.environ, **Settings.load(**{**cfg, "max_workers": 1}).to_env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "index", "build", "--dataset", DATASET,
+                             "--coder", "itq-test", "--name", "killed", "--shards-per-task", "1"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(k.endswith("/stats.json") for k in staged(store, "killed")) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sum(k.endswith("/stats.json") for k in staged(store, "killed"))
+    assert 3 <= done < 20, f"kill landed outside the batch phase ({done} batches staged)"
+    assert ix.read_current(store, "killed") is None
+    assert not [i.key for i in store.list(layout.index_prefix("killed")) if i.key.endswith("build.json")]
+    with pytest.raises(Exception, match="no index named"):
+        Searcher(store, "killed").current()
+
+    s = build_index(DATASET, "itq-test", None, "killed", shards_per_task=1, settings=cfg)
+    assert s["status"] == "published" and s["n"] == 20 * ROWS
+    assert s["batches"]["skipped"] >= done and s["batches"]["total"] == 20
+    assert len(s["code_shards_read"]) == 20 - s["batches"]["skipped"]  # staged batches are not re-read
+    assert Searcher(store, "killed").current().version == s["version"]
+    assert not staged(store, "killed")
+    assert json.loads(store.read_bytes(layout.index_current_key("killed")))["version"] == s["version"]
