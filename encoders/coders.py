@@ -58,7 +58,8 @@ class Coder(ABC):
     @abstractmethod
     def scores(self, queries: np.ndarray, codes: np.ndarray, bits: int | None = None) -> np.ndarray:
         """Similarity of each float query to each stored code at `bits` (default full): (nq, n) float32,
-        higher is more similar. Symmetric coders return minus the Hamming distance (exact ties kept)."""
+        higher is more similar. `codes` are full-length (as stored); the coder takes the prefix.
+        Symmetric coders return minus the Hamming distance (exact ties kept)."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]:

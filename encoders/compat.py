@@ -12,7 +12,7 @@ searched against the old gallery. Losses for phi_new, all computed in the old fe
 - (baseline) `influence_loss`: BCT, new features through the frozen old classifier only.
 
 `compat_matrix` measures M(old,old), M(new,new) and M(new query, old gallery) (mAP@all and top-1,
-both tie-aware), the update gain and the negative-flip rate; `CompatReport.gate()` is the ship
+both tie-aware) on float features, `code_compat_matrix` the same on a coder's codes, the update gain and the negative-flip rate; `CompatReport.gate()` is the ship
 rule. Pure torch/numpy, no I/O.
 
 mAP and top-1 come from `encoders/metrics.py` (tie-aware: the exact expected value over orders of
@@ -294,19 +294,50 @@ def compat_matrix(query_feats: dict[str, np.ndarray], gallery_feats: dict[str, n
     called on `chunk` queries at a time. Cost: 3 x O(nq ng (D + log ng)); memory ~32 B x chunk
     x ng; ~10-20 s for 1,000 x 69,000 on 2 shared cores.
     """
-    for name, d in (("query_feats", query_feats), ("gallery_feats", gallery_feats)):
-        if not {"old", "new"} <= set(d):
-            raise ValueError(f"{name} needs keys 'old' and 'new', got {sorted(d)}")
+    _check_cells(query_feats, gallery_feats)
     if query_feats["new"].shape[1] != gallery_feats["old"].shape[1]:
         raise ValueError(f"new query dim {query_feats['new'].shape[1]} != old gallery dim "
                          f"{gallery_feats['old'].shape[1]}: project the new features first")
+    return _fill_matrix(query_feats, gallery_feats, q_labels, g_labels, score_fn, chunk)
+
+
+def code_compat_matrix(coder, bits: int, query_feats: dict[str, np.ndarray],
+                       gallery_codes: dict[str, np.ndarray], q_labels: np.ndarray,
+                       g_labels: np.ndarray, chunk: int = 64) -> CompatReport:
+    """The same matrix on compact codes (METHODS.md: "report the same matrix on codes").
+
+    coder: a fitted `encoders.coders.Coder`, trained on OLD features (the stored codes' coder).
+    query_feats: {"old", "new"} float query features (the new ones in the old space);
+    gallery_codes: {"old", "new"} full-length codes of the gallery made by `coder.encode` from
+    old / new gallery features. Scores are `coder.scores(queries, codes, bits)` (Hamming for
+    symmetric coders, asymmetric tables otherwise), so ties are scored tie-aware.
+    `extra` carries {"bits": bits}. Cost: 3 x (encode/score nq x ng at `bits`).
+    """
+    _check_cells(query_feats, gallery_codes)
+    if bits not in coder.lengths:
+        raise ValueError(f"{bits} bits not in the coder's lengths {coder.lengths}")
+    rep = _fill_matrix(query_feats, gallery_codes, q_labels, g_labels,
+                       lambda q, g: coder.scores(q, g, bits), chunk)
+    rep.extra["bits"] = bits
+    return rep
+
+
+def _check_cells(query: dict, gallery: dict) -> None:
+    for name, d in (("query", query), ("gallery", gallery)):
+        if not {"old", "new"} <= set(d):
+            raise ValueError(f"{name} needs keys 'old' and 'new', got {sorted(d)}")
+
+
+def _fill_matrix(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray],
+                 q_labels: np.ndarray, g_labels: np.ndarray,
+                 score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], chunk: int) -> CompatReport:
     maps, top1s, per_q = {}, {}, {}
     q_labels, g_labels = np.asarray(q_labels), np.asarray(g_labels)
     for q, g in CELLS:
         aps, t1s = [], []
         for s in range(0, len(q_labels), chunk):  # bounded memory: chunk x ng scores at a time
             ap, t1 = average_precision_from_scores(
-                score_fn(query_feats[q][s:s + chunk], gallery_feats[g]), q_labels[s:s + chunk], g_labels)
+                score_fn(query[q][s:s + chunk], gallery[g]), q_labels[s:s + chunk], g_labels)
             aps.append(ap)
             t1s.append(t1)
         ap, t1 = np.concatenate(aps), np.concatenate(t1s)

@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.coders import Coder, FitReport, register
+from encoders.metrics import mean_average_precision
 
 LOG = logging.getLogger(__name__)
 
 ENCODE_BATCH = 8192        # rows per encode/embed step: memory ~ ENCODE_BATCH * (D_in + 2K) floats
-SCORE_QUERY_BATCH = 256    # queries per scoring step: memory ~ SCORE_QUERY_BATCH * n floats
+LUT_QUERY_BATCH = 16       # queries per table-lookup step: keeps the accumulator block in cache
+RECON_BATCH = 65536        # items reconstructed per scoring step: memory RECON_BATCH * dim floats
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,9 @@ class DRQConfig:
     proxy_temperature: float = 0.1  # cosine-logit temperature of the proxy loss
     triplet_margin: float = 0.2
     assign: str = "l2"              # level assignment: "l2" (nearest s_m C_k) or "cos" (max cosine)
-    score: str = "ip"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2; "cos": <q, z_hat>/||z_hat||
+    score: str = "l2"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2; "cos": <q, z_hat>/||z_hat||
     soft_temperature: float = 0.05  # tau of the soft assignment softmax(similarity / tau)
     quant_weight: float = 1.0       # weight of the quantisation losses against the similarity loss
-    recon_sim_weight: float = 0.0   # similarity loss on the (soft) reconstruction of every prefix
     prefix_loss: bool = True        # average quantisation losses over every prefix length
     finetune_embedding: bool = True  # keep training the MLP during the codebook stages
     epochs_embed: int = 30
@@ -257,35 +258,6 @@ def _init_scales(net: DRQNet, z: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# retrieval helpers (validation only; the reported evaluation lives in encoders/metrics.py)
-
-
-def _tie_aware_map(scores: np.ndarray, qlab: np.ndarray, dlab: np.ndarray) -> float:
-    """mAP@all with ties averaged: the j-th relevant item of a tied block of t items holding r relevant
-    sits at its expected position j(t+1)/(r+1) inside the block (approximation of the expectation)."""
-    aps = []
-    for i in range(len(qlab)):
-        o = np.argsort(-scores[i], kind="stable")
-        s, rel = scores[i][o], (dlab[o] == qlab[i]).astype(np.float64)
-        if rel.sum() == 0:
-            continue
-        n = len(s)
-        newb = np.ones(n, bool)
-        newb[1:] = s[1:] != s[:-1]
-        starts = np.flatnonzero(newb)
-        bid = np.cumsum(newb) - 1
-        t = np.diff(np.append(starts, n))
-        rb = np.add.reduceat(rel, starts)
-        before = np.concatenate([[0.0], np.cumsum(rb)[:-1]])
-        j = np.cumsum(rel) - before[bid]
-        k = rel > 0
-        bk = bid[k]
-        prec = (before[bk] + j[k]) / (starts[bk] + j[k] * (t[bk] + 1) / (rb[bk] + 1))
-        aps.append(float(prec.sum() / k.sum()))
-    return float(np.mean(aps)) if aps else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
 # the coder
 
 
@@ -405,10 +377,6 @@ class DRQCoder(Coder):
                     z = net.embed(xb) if cfg.finetune_embedding else net.embed(xb).detach()
                     _, hards, softs = net.quantize(z, stage_levels, soft=True)
                     loss = _similarity_loss(cfg, z, yb, proxies) + cfg.quant_weight * _quant_losses(cfg, z, hards, softs)
-                    if cfg.recon_sim_weight > 0:
-                        prefixes = softs.cumsum(0)  # (L, n, D)
-                        loss = loss + cfg.recon_sim_weight * sum(
-                            _similarity_loss(cfg, F.normalize(p, dim=1), yb, proxies) for p in prefixes) / len(prefixes)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -429,9 +397,9 @@ class DRQCoder(Coder):
         nq = min(n_queries, len(features) // 2)
         q, d, ql, dl = features[:nq], features[nq:], labels[:nq], labels[nq:]
         codes = self.encode(d)
-        out = {f"map@{b}": _tie_aware_map(self.scores(q, codes, b), ql, dl) for b in self.lengths}
+        out = {f"map@{b}": mean_average_precision(self.scores(q, codes, b), ql, dl)["map"] for b in self.lengths}
         zq, zd = self.embed(q), self.embed(d)
-        out["map@float"] = _tie_aware_map(zq @ zd.T, ql, dl)
+        out["map@float"] = mean_average_precision(zq @ zd.T, ql, dl)["map"]
         return out
 
     # -- encode / search ------------------------------------------------------------------------
@@ -479,30 +447,66 @@ class DRQCoder(Coder):
         net = self._require_fit()
         return (torch.from_numpy(self.embed(queries)) @ net.codebook.T).numpy()
 
-    def scores(self, queries: np.ndarray, codes: np.ndarray, bits: int | None = None) -> np.ndarray:
-        """Asymmetric similarity (nq, n) float32 at `bits` (default full; codes may be full-length or
-        already cut to `bits`): ip -> sum_m s_m T[b_m]; l2 -> -||q - z_hat||^2 with ||z_hat||^2 from codes.
-        Cost: nq*K*dim for the tables, nq*n*levels gathers; memory O(SCORE_QUERY_BATCH * n) + output."""
+    def lut_scores(self, queries: np.ndarray, codes: np.ndarray, bits: int | None = None) -> np.ndarray:
+        """<q_emb, z_hat> (nq, n) by table lookups: T = lookup_tables(q) once per query (the codebook
+        is shared), then sum_m s_m T[:, b_m]. Cost: nq*K*dim + nq*n*levels gathers."""
+        return self._lut_ip(self.embed(queries), codes, bits)
+
+    @torch.no_grad()
+    def _lut_ip(self, qe: np.ndarray, codes: np.ndarray, bits: int | None) -> np.ndarray:
         net = self._require_fit()
         b = self.decode_levels(codes, bits)
         s = net.scales(b.shape[1]).numpy()
-        tables = self.lookup_tables(queries)
+        tables = (torch.from_numpy(qe) @ net.codebook.T).numpy()
         out = np.empty((len(tables), len(b)), dtype=np.float32)
-        cols = [np.ascontiguousarray(b[:, m]) for m in range(b.shape[1])]
-        for i in range(0, len(tables), SCORE_QUERY_BATCH):
-            t = tables[i: i + SCORE_QUERY_BATCH]
-            acc = t[:, cols[0]]
+        cols = [np.ascontiguousarray(b[:, m], dtype=np.intp) for m in range(b.shape[1])]
+        for i in range(0, len(tables), LUT_QUERY_BATCH):
+            t = tables[i: i + LUT_QUERY_BATCH]
+            acc = np.take(t, cols[0], axis=1)
             for m in range(1, len(cols)):
-                acc += s[m] * t[:, cols[m]]
-            out[i: i + SCORE_QUERY_BATCH] = acc
+                acc += s[m] * np.take(t, cols[m], axis=1)
+            out[i: i + LUT_QUERY_BATCH] = acc
+        return out
+
+    def _recon_norms_and_ip(self, qe: np.ndarray, codes: np.ndarray, bits: int | None,
+                            with_ip: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """(<q_emb, z_hat> (nq, n) or None, ||z_hat||^2 (n,)), reconstructing RECON_BATCH items at a
+        time: the inner products are one GEMM per chunk."""
+        n = len(codes)
+        out = np.empty((len(qe), n), dtype=np.float32) if with_ip else None
+        norms = np.empty(n, dtype=np.float32)
+        for i in range(0, n, RECON_BATCH):
+            z = self.reconstruct(codes[i: i + RECON_BATCH], bits)
+            if out is not None:
+                np.matmul(qe, z.T, out=out[:, i: i + RECON_BATCH])
+            norms[i: i + RECON_BATCH] = np.einsum("nd,nd->n", z, z)
+        return out, norms
+
+    def scores(self, queries: np.ndarray, codes: np.ndarray, bits: int | None = None) -> np.ndarray:
+        """Asymmetric similarity (nq, n) float32 at `bits` (default full; codes may be full-length or
+        already cut to `bits`), per `config.score`: ip <q, z_hat>; l2 -||q - z_hat||^2; cos
+        <q, z_hat>/||z_hat||, where q is the embedded query and z_hat = sum_m s_m C[b_m].
+
+        <q, z_hat> equals the ADC sum_m s_m T[b_m] (`lut_scores`); it is computed as one GEMM against
+        the reconstructed items when dim <= 64 * levels, else by the tables. Measured on 69,000 items
+        x 1,000 queries, 1 core, dim 64: GEMM 0.35 s at every length; tables 0.3 s at 8 bits, 0.5 s at
+        16, 1.0 s at 32, 1.3 s at 64 (faiss IndexResidualQuantizer LUT search, k=100: 2.1 s at 64).
+        Cost: nq*n*dim flops (or nq*n*levels gathers) + n*levels*dim for the reconstructions;
+        memory: the output + RECON_BATCH*dim floats.
+        """
+        levels = self._levels_for(bits)
+        qe = self.embed(queries)
+        use_gemm = self.config.dim <= 64 * levels
+        if use_gemm or self.config.score != "ip":
+            out, norms = self._recon_norms_and_ip(qe, codes, bits, with_ip=use_gemm)
+        if not use_gemm:
+            out = self._lut_ip(qe, codes, bits)
         if self.config.score == "l2":
-            qe = self.embed(queries)
-            zn = (self.reconstruct(codes, bits) ** 2).sum(1)
             out *= 2
-            out -= zn[None, :]
-            out -= (qe ** 2).sum(1)[:, None]
+            out -= norms[None, :]
+            out -= np.einsum("qd,qd->q", qe, qe)[:, None]
         elif self.config.score == "cos":
-            out /= np.sqrt((self.reconstruct(codes, bits) ** 2).sum(1)).clip(1e-12)[None, :]
+            out /= np.sqrt(norms).clip(1e-12)[None, :]
         return out
 
     # -- persistence ----------------------------------------------------------------------------

@@ -64,11 +64,10 @@ def score_coder(coder: Coder, bits: int, db_codes: np.ndarray, query: Split, dat
                 R: int | None, search_sample: int = 100, k: int = 100) -> tuple[dict[str, float], float]:
     """(metrics, search ms/query) of a fitted coder at `bits` over pre-encoded database codes.
     Search time is the coder's own top-k over all database codes for `search_sample` queries."""
-    codes = db_codes if bits == coder.full_bits else coder.prefix_codes(db_codes, bits)
-    m = mean_average_precision(lambda sl: coder.scores(query.x[sl], codes, bits), query.labels,
+    m = mean_average_precision(lambda sl: coder.scores(query.x[sl], db_codes, bits), query.labels,
                                database.labels, R=R, precision_ks=(100,))
     sample = query.x[:search_sample]
-    _, dt = _timed(lambda: coder.search(sample, codes, k, bits))
+    _, dt = _timed(lambda: coder.search(sample, db_codes, k, bits))
     return m, 1e3 * dt / len(sample)
 
 
@@ -93,8 +92,8 @@ def evaluate_variant(variant: str, bits_list: Sequence[int], train: Split, val: 
         train_codes = coder.encode(train.x)  # val queries are scored against the train split
         for bits in lengths:
             m, ms = score_coder(coder, bits, db_codes, query, database, R)
-            vc = train_codes if bits == coder.full_bits else coder.prefix_codes(train_codes, bits)
-            vm = mean_average_precision(lambda sl: coder.scores(val.x[sl], vc, bits), val.labels, train.labels)
+            vm = mean_average_precision(lambda sl: coder.scores(val.x[sl], train_codes, bits), val.labels,
+                                        train.labels)
             rows.append(EvalRow(variant, bits, round(m["map"], 5), round(m["p_at_100"], 5),
                                 coder.bytes_per_item(bits), round(fit_s, 3),
                                 round(1e6 * enc_s / len(database.x), 3), round(ms, 4), round(vm["map"], 5)))

@@ -374,10 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _NoTracebackFormatter(logging.Formatter):
+    """Log lines without the tracebacks attached to them (the exception's message stays). Another
+    handler (Prefect's API handler) may have cached the traceback text on the record already."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a failed flow run logs its traceback; without -v the user gets the one-line error below
+    handler = logging.StreamHandler()
+    handler.setFormatter((logging.Formatter if args.verbose else _NoTracebackFormatter)(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -11,14 +11,15 @@ from infra.planner import parse_shard_range, select_shards
 from infra.registry import model_card
 from infra.settings import Settings
 from infra.store import open_store
-from tasks.extract import extract_shard
+from tasks.extract import check_ids_across_shards, extract_shard
 
 
 @flow(name="extract-features", log_prints=True)
 def extract_features(dataset: str, model_id: str, shards: str | None = None, force: bool = False,
                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract features for raw/<dataset>/ shards in `shards` ('120:180', default all) with `model_id`.
-    Done shards are skipped unless `force`; bad shards are quarantined and the run goes on."""
+    Done shards are skipped unless `force`; bad shards, and shards repeating ids of an earlier part,
+    are quarantined and the run goes on."""
     cfg = Settings.load(**(settings or {}))
     store = open_store(cfg)
     log = get_run_logger()
@@ -29,7 +30,9 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
                          f"{' range ' + shards if shards else ''}: run `codeshard ingest {dataset}` first")
     log.info("extract %s with %s (%s): %d shards", dataset, model_id, card["arch"], len(refs))
     futures = [extract_shard.submit(cfg, dataset, model_id, ref, force) for ref in refs]
-    summary = summarize("extract", gather(futures, "extract"))
+    # ids are unique across shards: a shard repeating an earlier part's ids is quarantined
+    outcomes = check_ids_across_shards(cfg, dataset, model_id, gather(futures, "extract"))
+    summary = summarize("extract", outcomes)
     summary["model_id"] = model_id
     publish_summary(summary, key=f"extract-{dataset}-{model_id}".lower())
     return summary

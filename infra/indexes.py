@@ -529,23 +529,25 @@ def _coder_lut_search(ci: CodeIndex, coder: Any, q: np.ndarray, k: int) -> tuple
 def reference_scores(ci: CodeIndex, coder: Any, q: np.ndarray, positions: np.ndarray,
                      q_features: np.ndarray | None = None) -> np.ndarray:
     """The coder's own score of each query against the codes at `positions` (nq, k) (-inf at -1):
-    Hamming for binary codes, coder.scores for ADC (needs the float `q_features`), -L2 for float."""
+    Hamming for binary codes, coder.scores for ADC (needs the float `q_features`), -L2 for float.
+    Cost: one score per (query, returned item); ADC scores every query against the union of the
+    returned items in one call (nq x |union| floats)."""
     t = ci.plan.index_type
     out = np.full(positions.shape, -np.inf, dtype=np.float32)
-    for r in range(len(positions)):
-        ok = positions[r] >= 0
-        pos = positions[r][ok]
-        if not len(pos):
-            continue
-        if t in (BINARY_FLAT, BINARY_IVF):
-            codes = _reconstruct_binary(ci, pos)
-            x = np.unpackbits(np.bitwise_xor(codes, q[r][None, :]), axis=1)
-            out[r, ok] = -x.sum(axis=1)
-        elif t in (PQ_LUT, RQ_LUT, CODER_LUT):
-            out[r, ok] = coder.scores(q_features[r:r + 1], ci.codes()[pos], ci.bits)[0]
-        else:
-            vecs = _reconstruct_float(ci, pos)
-            out[r, ok] = -((vecs - q[r][None, :]).astype(np.float64) ** 2).sum(axis=1)
+    ok = positions >= 0
+    if not ok.any():
+        return out
+    uniq, inv = np.unique(positions[ok], return_inverse=True)
+    rows = np.nonzero(ok)[0]
+    if t in (PQ_LUT, RQ_LUT, CODER_LUT):
+        s = coder.scores(q_features, ci.codes()[uniq], ci.bits)
+        out[ok] = s[rows, inv]
+    elif t in (BINARY_FLAT, BINARY_IVF):
+        codes = _reconstruct_binary(ci, uniq)[inv]
+        out[ok] = -np.unpackbits(np.bitwise_xor(codes, q[rows]), axis=1).sum(axis=1)
+    else:
+        vecs = _reconstruct_float(ci, uniq)[inv].astype(np.float64)
+        out[ok] = -((vecs - q[rows]) ** 2).sum(axis=1)
     return out
 
 

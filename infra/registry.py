@@ -116,6 +116,12 @@ def _build_backbone(store: Store, card: dict[str, Any], device: str):
     if card["arch"] == "minilm":
         kwargs["device"] = device
     bb = build_backbone(card["arch"], **kwargs)
+    if card.get("projection"):  # a compatible update: backbone -> linear map into the old space
+        from encoders.backbones import Backbone
+        from encoders.compat import ProjectedBackbone
+
+        out_dim = int(card["projection"]["out_dim"])
+        bb = Backbone(bb.arch, ProjectedBackbone(bb.module, bb.feature_dim, out_dim), bb.preprocess, out_dim)
     if isinstance(bb.module, torch.nn.Module):
         if checksum != "package":
             bb.module.load_state_dict(_load(store.read_bytes(layout.model_prefix(model_id) + "model.pt")))

@@ -149,14 +149,21 @@ def validate_raw(key: str, table: pa.Table) -> None:
         raise ShardInvalid(key, f"missing column 'id' (has {sorted(names)})")
     if "image" not in names and "text" not in names:
         raise ShardInvalid(key, f"needs an 'image' or 'text' column (has {sorted(names)})")
-    for name, typ in RAW_FIELDS.items():
-        if name in names and not _compatible(table.schema.field(name).type, typ):
-            raise ShardInvalid(key, f"column {name!r} has type {table.schema.field(name).type}, expected {typ}")
+    check_raw_types(key, table.schema, [n for n in RAW_FIELDS if n in names])
     _check_ids(key, table)
     if "split" in names:
         bad = set(pc.unique(table.column("split").drop_null()).to_pylist()) - set(SPLITS)
         if bad:
             raise ShardInvalid(key, f"unknown split values {sorted(bad)[:5]} (allowed {SPLITS})")
+
+
+def check_raw_types(key: str, schema: pa.Schema, columns: Sequence[str]) -> None:
+    """Each of `columns` (present in `schema`) has its raw-schema type (RAW_FIELDS). Needs only the
+    Parquet footer, so a streaming stage can refuse a shard before reading any row."""
+    for name in columns:
+        actual = schema.field(name).type
+        if not _compatible(actual, RAW_FIELDS[name]):
+            raise ShardInvalid(key, f"column {name!r} has type {actual}, expected {RAW_FIELDS[name]}")
 
 
 def validate_features(key: str, table: pa.Table, dim: int | None = None) -> None:
@@ -185,6 +192,50 @@ def validate_codes(key: str, table: pa.Table, nbytes: int | None = None) -> None
     if nbytes is not None and t.byte_width != nbytes:
         raise ShardInvalid(key, f"code width {t.byte_width} bytes, expected {nbytes}")
     _check_ids(key, table)
+
+
+# -- ids across shards -------------------------------------------------------------------------
+def overlapping_id_ranges(ranges: dict[int, tuple[int, int]]) -> set[int]:
+    """Parts whose [id_min, id_max] overlaps another part's: the only shards that can share an id.
+    Ingest gives each shard a contiguous id block, so this is usually empty and the exact check
+    (`cross_shard_duplicates`) reads nothing. O(parts log parts)."""
+    suspects: set[int] = set()
+    group: list[int] = []
+    reach = None
+    for part, (lo, hi) in sorted(ranges.items(), key=lambda kv: (kv[1][0], kv[0])):
+        if reach is not None and lo <= reach:
+            group.append(part)
+            reach = max(reach, hi)
+            continue
+        if len(group) > 1:
+            suspects.update(group)
+        group, reach = [part], hi
+    if len(group) > 1:
+        suspects.update(group)
+    return suspects
+
+
+def cross_shard_duplicates(ids_by_part: dict[int, np.ndarray]) -> dict[int, tuple[int, int, int]]:
+    """Shards holding an id already held by an earlier (lower) part: {part: (earlier part, number
+    of such ids, smallest such id)}. The earlier part wins, whatever order shards were processed
+    in; a losing shard's ids are not counted against later parts. Memory: 16 B per id given."""
+    seen = np.empty(0, np.int64)
+    seen_part = np.empty(0, np.int64)
+    out: dict[int, tuple[int, int, int]] = {}
+    for part in sorted(ids_by_part):
+        ids = np.unique(np.asarray(ids_by_part[part], dtype=np.int64))
+        if len(seen) and len(ids):
+            pos = np.minimum(np.searchsorted(seen, ids), len(seen) - 1)
+            hit = seen[pos] == ids
+            if hit.any():
+                first = int(ids[hit][0])
+                out[part] = (int(seen_part[np.searchsorted(seen, first)]), int(hit.sum()), first)
+                continue
+        merged = np.concatenate([seen, ids])
+        order = np.argsort(merged, kind="stable")
+        seen = merged[order]
+        seen_part = np.concatenate([seen_part, np.full(len(ids), part, np.int64)])[order]
+    return out
 
 
 def _check_nonempty(key: str, table: pa.Table) -> None:

@@ -14,7 +14,7 @@ from infra.features import load_features
 from infra.planner import ShardRef
 from infra.registry import RegistryError, coder_card, load_coder, register_coder
 from infra.settings import Settings
-from infra.shards import codes_table, features_matrix, read_table, validate_features
+from infra.shards import ShardInvalid, codes_table, features_matrix, read_table, validate_features
 from infra.store import Store, open_store
 from tasks.stage import is_store_error, logger, run_shard_stage
 
@@ -42,8 +42,7 @@ def val_metrics(coder, val, gallery) -> dict[str, float]:
     codes = coder.encode(gallery.x)
     out = {}
     for bits in coder.lengths:
-        c = codes if bits == coder.full_bits else coder.prefix_codes(codes, bits)
-        r = mean_average_precision(lambda sl: coder.scores(val.x[sl], c, bits), val.labels, gallery.labels)
+        r = mean_average_precision(lambda sl: coder.scores(val.x[sl], codes, bits), val.labels, gallery.labels)
         out[f"val_map@{bits}"] = round(float(r["map"]), 6)
     return out
 
@@ -94,7 +93,10 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
         validate_features(ref.key, table)
         x = features_matrix(table)
         t0 = time.perf_counter()
-        codes = coder.encode(x)
+        try:
+            codes = coder.encode(x)
+        except ValueError as e:  # validated, finite float32 rows: what is left is a shape the coder refuses
+            raise ShardInvalid(ref.key, f"coder {coder_id} cannot encode it: {e}") from None
         dt = time.perf_counter() - t0
         return codes_table(table.column("id").to_numpy(), codes), {
             "encode_us_per_item": 1e6 * dt / max(1, len(x)), "bytes_per_item": int(codes.shape[1])}

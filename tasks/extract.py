@@ -1,6 +1,7 @@
 """Feature extraction: one raw shard in, one features shard out."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -14,9 +15,9 @@ from infra.images import BadImage, decode_images
 from infra.planner import ShardRef
 from infra.registry import load_backbone
 from infra.settings import Settings
-from infra.shards import ShardInvalid, features_table, iter_batches, validate_raw
+from infra.shards import ShardInvalid, check_raw_types, features_table, iter_batches, open_parquet
 from infra.store import open_store
-from tasks.stage import is_store_error, run_shard_stage
+from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_stage
 
 EXTRACT_VERSION = "extract-1"
 
@@ -46,10 +47,15 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
     def work():
         ids_out, feats_out = [], []
         column = "text" if text else "image"
-        schema = _schema_names(store, ref.key)
-        if column not in schema:
-            raise ShardInvalid(ref.key, f"model {model_id} needs a {column!r} column (has {sorted(schema)})")
+        schema = open_parquet(store, ref.key).schema_arrow
+        if column not in schema.names:
+            raise ShardInvalid(ref.key, f"model {model_id} needs a {column!r} column (has {sorted(schema.names)})")
+        if "id" not in schema.names:
+            raise ShardInvalid(ref.key, f"missing column 'id' (has {sorted(schema.names)})")
+        check_raw_types(ref.key, schema, ["id", column])  # before any row is decoded
         for batch in iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size):
+            if batch.column(0).null_count:
+                raise ShardInvalid(ref.key, f"{batch.column(0).null_count} null ids")
             ids = batch.column(0).to_numpy(zero_copy_only=False)
             if text:
                 texts = batch.column(1).to_pylist()
@@ -72,7 +78,9 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
         feats = np.concatenate(feats_out)
         if not np.isfinite(feats).all():
             raise ShardInvalid(ref.key, "model produced NaN/Inf features")
-        return features_table(ids, feats), {"dim": int(feats.shape[1]), "pid": os.getpid()}
+        # the id range lets the flow check ids across shards without reading them (check_ids_across_shards)
+        return features_table(ids, feats), {"dim": int(feats.shape[1]), "pid": os.getpid(),
+                                            "id_min": int(ids.min()), "id_max": int(ids.max())}
 
     outcome = run_shard_stage(store, stage="extract", dataset=dataset, output_id=model_id, ref=ref,
                               output_key=layout.features_key(dataset, model_id, ref.part),
@@ -80,13 +88,19 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
     return outcome.as_dict()
 
 
+@task(name="check_ids_across_shards", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=is_store_error, tags=["io"])
+def check_ids_across_shards(settings: Settings, dataset: str, model_id: str,
+                            outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """After every shard finished: a features shard sharing ids with an earlier part is quarantined
+    (see tasks.stage.quarantine_duplicate_ids); returns the outcomes with those marked."""
+    return quarantine_duplicate_ids(open_store(settings), stage="extract", dataset=dataset, output_id=model_id,
+                                    outcomes=outcomes,
+                                    output_key=functools.partial(layout.features_key, dataset, model_id))
+
+
 def _forward(backbone, pixels: np.ndarray, device: str) -> np.ndarray:
     with torch.inference_mode():
         x = backbone.preprocess(pixels).to(device)
         return backbone.module(x).float().cpu().numpy()
 
-
-def _schema_names(store, key: str) -> set[str]:
-    from infra.shards import open_parquet
-
-    return set(open_parquet(store, key).schema_arrow.names)

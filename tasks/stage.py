@@ -13,9 +13,11 @@ from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 from infra import layout
-from infra.manifests import Manifest, done_manifest, quarantine_reason, quarantine_shard, write_manifest
+from infra.manifests import (Manifest, done_manifest, quarantine_reason, quarantine_shard, read_manifest,
+                             write_manifest)
 from infra.planner import ShardRef
-from infra.shards import ShardInvalid, write_table
+from infra.shards import (ShardInvalid, cross_shard_duplicates, overlapping_id_ranges, read_table,
+                          write_table)
 from infra.store import Store, StoreError
 
 
@@ -66,7 +68,10 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
         m = done_manifest(store, mkey, checksum, code_version)
         if m is not None:
             log.info("%s %s part %d: skipped (done, %d rows)", stage, dataset, ref.part, m.rows)
-            return ShardOutcome(stage, ref.part, "skipped", m.rows, store.uri_of(m.output_key))
+            # the recorded stats (id range, dim) still describe the output; 'pid' named another run
+            carried = {k: v for k, v in m.stats.items() if k != "pid"}
+            return ShardOutcome(stage, ref.part, "skipped", m.rows, store.uri_of(m.output_key),
+                                stats=carried)
         reason = quarantine_reason(store, stage, ref.key, checksum)
         if reason is not None:
             log.warning("%s %s: still quarantined: %s", stage, ref.key, reason)
@@ -87,6 +92,55 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
     log.info("%s %s part %d: done, %d rows in %.1fs", stage, dataset, ref.part, table.num_rows, seconds)
     return ShardOutcome(stage, ref.part, "done", table.num_rows, store.uri_of(output_key), seconds,
                         stats=stats)
+
+
+def quarantine_duplicate_ids(store: Store, *, stage: str, dataset: str, output_id: str,
+                             outcomes: list[dict[str, Any]], output_key: Callable[[int], str]) -> list[dict[str, Any]]:
+    """Ids are unique across a dataset's shards: a finished shard holding an id that an earlier
+    (lower) part holds is quarantined, its output and manifest removed; `outcomes` come back with
+    it marked 'quarantined' and a one-line reason naming both shards.
+
+    Cost: nothing is read unless two shards' id ranges (`stats` id_min/id_max, recorded by the
+    stage) overlap; then the `id` column of those outputs only (8 B per row). Outputs finished
+    before ranges were recorded have their `id` column read once per run. Covers the shards of
+    this run: a full run covers the dataset, a `--shards` range only that range."""
+    log = logger()
+    finished = [o for o in outcomes if o["status"] in ("done", "skipped")]
+    ranges: dict[int, tuple[int, int]] = {}
+    ids_cache: dict[int, Any] = {}
+    for o in finished:
+        st = o.get("stats") or {}
+        if "id_min" in st and "id_max" in st:
+            ranges[o["part"]] = (int(st["id_min"]), int(st["id_max"]))
+        else:
+            ids = ids_cache[o["part"]] = _output_ids(store, output_key(o["part"]))
+            ranges[o["part"]] = (int(ids.min()), int(ids.max())) if len(ids) else (0, -1)
+    suspects = overlapping_id_ranges(ranges)
+    if not suspects:
+        return outcomes
+    dups = cross_shard_duplicates({p: ids_cache[p] if p in ids_cache else _output_ids(store, output_key(p))
+                                   for p in suspects})
+    changed: dict[int, dict[str, Any]] = {}
+    for part, (earlier, n, first) in sorted(dups.items()):
+        mkey = layout.manifest_key(stage, dataset, output_id, part)
+        m = read_manifest(store, mkey)
+        em = read_manifest(store, layout.manifest_key(stage, dataset, output_id, earlier))
+        earlier_key = em.input_key if em else f"part {earlier}"
+        more = f" and {n - 1} more" if n > 1 else ""
+        reason = (f"id {first}{more} also in part {earlier} ({earlier_key}): ids must be unique across "
+                  f"a dataset's shards, the later part is set aside")
+        if m is not None:  # record first, then unpublish: manifest (the commit point), then output
+            qkey = quarantine_shard(store, stage, m.input_key, reason, m.input_checksum)
+            log.error("%s %s: QUARANTINED (%s) -> %s", stage, m.input_key, reason, store.uri_of(qkey))
+        store.delete(mkey)
+        store.delete(output_key(part))
+        changed[part] = {"status": "quarantined", "rows": 0, "output": "", "reason": reason}
+    return [{**o, **changed[o["part"]]} if o["status"] in ("done", "skipped") and o["part"] in changed else o
+            for o in outcomes]
+
+
+def _output_ids(store: Store, key: str):
+    return read_table(store, key, columns=["id"]).column("id").to_numpy()
 
 
 def is_store_error(task, task_run, state) -> bool:

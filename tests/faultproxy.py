@@ -88,6 +88,8 @@ class FaultProxy:
     requests: int = 0
     forwarded: int = 0
     log: list[tuple[str, str, str]] = field(default_factory=list)  # (fault, method, path)
+    connections: int = 0  # client connections accepted (fewer than requests: keep-alive works)
+    framing: collections.Counter = field(default_factory=collections.Counter)  # expect-100 / chunked seen
 
     def __post_init__(self) -> None:
         u = urlsplit(self.upstream)
@@ -187,6 +189,8 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         client.settimeout(self.timeout_s)
         self._track(client, True)
+        with self._lock:
+            self.connections += 1
         upstream: socket.socket | None = None
         up_reader = None
         reader = client.makefile("rb")
@@ -196,6 +200,11 @@ class FaultProxy:
                 if req is None:
                     return
                 method, target = req.start.split(" ", 2)[:2]
+                with self._lock:
+                    if (req.header("expect") or "").lower() == "100-continue":
+                        self.framing["expect-100-continue"] += 1
+                    if "chunked" in (req.header("transfer-encoding") or "").lower():
+                        self.framing["chunked-request"] += 1
                 path = urlsplit(target).path
                 fault = self._decide(method, path)
                 expect = (req.header("expect") or "").lower() == "100-continue"
@@ -239,6 +248,9 @@ class FaultProxy:
                             raise
                 with self._lock:
                     self.forwarded += 1
+                if resp.chunked:
+                    with self._lock:
+                        self.framing["chunked-response"] += 1
                 if fault == "drop_response":  # the server did the work; the client sees a cut
                     if resp.body:
                         client.sendall(resp.head_bytes() + resp.body[: len(resp.body) // 2])

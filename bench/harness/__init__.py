@@ -21,6 +21,10 @@ from typing import Callable, Sequence
 
 import psutil
 
+# Tables appear as they are measured, also when stdout is a file or a pipe (make bench | tee).
+if hasattr(sys.stdout, "reconfigure"):
+    sys.stdout.reconfigure(line_buffering=True)
+
 
 # -- machine --------------------------------------------------------------------------------------
 def cpu_model() -> str:

@@ -6,6 +6,7 @@ infra.shards.codes_table exactly as the encode stage writes them.
 """
 from __future__ import annotations
 
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -27,7 +28,7 @@ from infra.registry import register_coder
 from infra.search import Searcher
 from infra.settings import Settings
 from infra.shards import codes_table, features_table, write_table
-from infra.store import open_store
+from infra.store import Store, open_store
 from tests.conftest import settings_dict
 
 pytestmark = pytest.mark.s3
@@ -88,6 +89,12 @@ def assert_equals_coder_ranking(res, coder, db_ids, db_codes, queries, k=10):
     np.testing.assert_allclose(np.sort(got, 1), np.sort(ref_scores, 1), rtol=1e-4, atol=1e-4)
 
 
+def code_reads_since(store, coder_id: str, before: collections.Counter) -> set[str]:
+    """Code shard keys read by anything in this process (every task's store) since `before`."""
+    prefix = store.uri_of(layout.codes_prefix(DATASET, coder_id))
+    return {k[len(store.uri_of("")):] for k, n in Store.reads.items() if k.startswith(prefix) and n > before[k]}
+
+
 def staged(store, name):
     return [i.key for i in store.list(layout.index_prefix(name) + "_staging/")]
 
@@ -131,24 +138,29 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings):
 
     # -- refresh after adding 2 shards (10%): reads only those -----------------------------------
     write_parts(store, coders, range(20, 22))
+    before = collections.Counter(Store.reads)
     r = refresh_index("synth-itq", settings=cfg)
     new_keys = {layout.codes_key(DATASET, "itq-test", p) for p in (20, 21)}
     assert (r["status"], r["version"], r["n"], r["based_on"]) == ("published", 2, 6600, 1)
+    assert code_reads_since(store, "itq-test", before) == new_keys  # the 20 old shards: never opened
     assert set(r["code_shards_read"]) == new_keys, r["code_shards_read"]
     res2 = searcher.search(queries, k=10)
     assert res2.version == 2 and searcher.loads == 2
     db_ids, db_x, db_codes = all_codes(itq, range(22))
     assert_equals_coder_ranking(res2, itq, db_ids, db_codes, queries)
     # nothing new: up to date, no code shard read
+    before = collections.Counter(Store.reads)
     again = refresh_index("synth-itq", settings=cfg)
+    assert not code_reads_since(store, "itq-test", before)
     assert (again["status"], again["version"], again["code_shards_read"]) == ("up-to-date", 2, {})
 
     # -- a changed shard and a deleted shard: their old rows go, the changed one is re-read ----------
     write_parts(store, {"itq-test": itq}, range(3, 4), seed=7)
     store.delete(layout.codes_key(DATASET, "itq-test", 5))
+    before = collections.Counter(Store.reads)
     r3 = refresh_index("synth-itq", settings=cfg)
     assert (r3["status"], r3["version"], r3["n"]) == ("published", 3, 6300)
-    assert set(r3["code_shards_read"]) == {layout.codes_key(DATASET, "itq-test", 3)}
+    assert code_reads_since(store, "itq-test", before) == {layout.codes_key(DATASET, "itq-test", 3)}
     ci, b3 = ix.load_version(store, "synth-itq", 3)
     assert len(np.unique(ci.ids)) == 6300 and not (ci.parts == 5).any()
     new3 = synthetic(range(3, 4), seed=7)[0]

@@ -176,6 +176,28 @@ def test_compat_matrix_independent_space_fails_gate_and_flips():
     assert d["gate_passed"] is False and set(d["map"]) == {"M(old,old)", "M(new,new)", "M(new,old)"}
 
 
+def test_code_compat_matrix_on_lsh_codes():
+    from encoders.coders import make_coder
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 4
+    gl, ql = np.repeat(np.arange(3), 40), np.repeat(np.arange(3), 6)
+    old_g = (centers[gl] + rng.normal(size=(120, 16))).astype(np.float32)
+    old_q = (centers[ql] + rng.normal(size=(18, 16))).astype(np.float32)
+    coder = make_coder("lsh", bits=32)
+    coder.fit(old_g, gl)
+    # a "new" model equal to the old one: every cell equals M(old,old)
+    r = C.code_compat_matrix(coder, 32, {"old": old_q, "new": old_q},
+                             {"old": coder.encode(old_g), "new": coder.encode(old_g)}, ql, gl, chunk=5)
+    assert r.extra["bits"] == 32 and r.as_dict()["bits"] == 32
+    assert len(set(round(v, 12) for v in r.map.values())) == 1 and r.map["M(old,old)"] > 0.5
+    # same model: flips come only from independently broken top-1 ties, p(1-p) <= 1/4 per query
+    assert 0.0 <= r.negative_flip_rate <= 0.25
+    with pytest.raises(ValueError, match="bits"):
+        C.code_compat_matrix(coder, 8, {"old": old_q, "new": old_q},
+                             {"old": coder.encode(old_g), "new": coder.encode(old_g)}, ql, gl)
+
+
 def test_compat_matrix_rejects_unprojected_new_queries():
     with pytest.raises(ValueError, match="project"):
         C.compat_matrix({"old": np.zeros((2, 4)), "new": np.zeros((2, 6))},
