@@ -1,6 +1,6 @@
 """Feature-extraction throughput: the real `extract_features` flow vs a bare torch forward loop.
 
-Usage: .venv/bin/python bench/extract.py [--batch-sizes 256,1024] [--shards 0:2] [--shard-rows 5000]
+Usage: .venv/bin/python bench/extract.py [--batch-sizes 256,1024] [--shards 0:2] [--shard-rows 3000]
                                         [--workers 2] [--reps 2] [--profile] [--device cpu|cuda]
 
 Setup (not timed): a local store (file:// in a temp dir), Fashion-MNIST ingested by the real
@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", default="256,1024")
     p.add_argument("--shards", default="0:2", help="part range extracted (half-open)")
-    p.add_argument("--shard-rows", type=int, default=4000)
+    p.add_argument("--shard-rows", type=int, default=3000)
     p.add_argument("--workers", default="2", help="flow max_workers values to compare, e.g. 2,1")
     p.add_argument("--bare-threads", default="1,0",
                    help="torch thread counts of the bare loop, each its own side (0: all cores)")
@@ -167,8 +167,10 @@ def main() -> int:
                 rss[(bs, name)] = max(rss.get((bs, name), 0), r.peak)
             return run
 
-        for k in bare_threads:
-            bare(bs, k)  # untimed warm-up at this batch size (oneDNN primitive cache)
+        for k in bare_threads:  # untimed warm-up at this batch size (oneDNN primitive cache), 2 batches
+            torch.set_num_threads(k)
+            with torch.inference_mode():
+                backbone.module(backbone.preprocess(pixels[: 2 * bs]).to(args.device))
         load = harness.load_avg()
         t = harness.interleave({k: with_rss(k, f) for k, f in sides.items()}, args.reps, warmup=False)
         skip = harness.median(t["skip"])

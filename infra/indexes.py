@@ -24,10 +24,13 @@ The index-choice rule (`choose_index`), in words:
   * ADC codes (asymmetric coders with codebooks): always an exact flat lookup-table scan over the
     stored codes. An IVF-PQ would need codes of residuals to coarse centroids, i.e. re-encoding,
     which this pipeline never does. Engine by coder: pq/opq -> faiss `IndexPQ` with the coder's PQ
-    (`pq-lut`); DRQ scoring by inner product -> faiss `IndexResidualQuantizer` with codebooks s_m C
-    and LUT search (`rq-lut`); anything else -> our chunked scan with `coder.scores` (`coder-lut`).
-    Measured on 69,000 x 64-bit codes, one query at a time, 2 cores: IndexPQ 0.85 ms vs coder 1.85 ms
-    (OPQ); IndexResidualQuantizer 2.5 ms vs coder 8.6 ms (DRQ); top-10 equal up to ties.
+    (`pq-lut`); DRQ scoring by inner product or by -L2 -> faiss `IndexResidualQuantizer` with
+    codebooks s_m C and LUT search (`rq-lut`; for -L2 it stores ||z_hat||^2 as a float32 per item,
+    +4 bytes, computed once at add time); anything else (DRQ 'cos', GSL, future coders) -> our chunked
+    scan with `coder.scores` (`coder-lut`). Measured on 69,000 x 64-bit codes, one query at a time,
+    2 shared cores: IndexPQ 0.85 ms vs coder.scores 1.85 ms (OPQ); IndexResidualQuantizer 2.5 ms
+    (ip) / 1.7 ms (l2, ST_norm_float) vs coder.scores 8.6 ms (ip, LUT) / 760 ms (l2: it reconstructs
+    every item per call); top-10 equal to the coder's up to ties.
   * float features (the `float` coder): `IndexFlatL2` (exact) up to 1M items, else `IndexIVFFlat`
     (same nlist rule, nprobe nlist/16, at least 16) when it fits, else flat; `hnsw` (IndexHNSWFlat,
     M=32) only when asked for. IVF and HNSW cut search time, not memory: they hold every vector too.
@@ -79,6 +82,7 @@ REMOVABLE = (BINARY_FLAT, PQ_LUT, RQ_LUT, CODER_LUT, FLAT)  # remove_ids compact
 
 FLAT_MAX_ITEMS = {"binary": 5_000_000, "adc": 2**62, "float": 1_000_000}
 ID_BYTES = 12  # int64 id + int32 part per item, held by every searcher
+EXTRA_BYTES = {RQ_LUT: 4}  # rq-lut keeps a float32 norm per item when the coder scores by -L2
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
 EXACT_RECALL_GATE = 0.99  # an exact index that disagrees with its coder more than this is not published
@@ -102,7 +106,8 @@ class IndexPlan:
 
     Resident memory of a loaded index (`memory_bytes`), N = `n`, B = `bytes_per_item`:
       flat types (binary-flat, pq-lut, rq-lut, coder-lut, flat): N·B + 12·N (ids and parts),
-          plus codebooks (< 1 MB). The final index is N·B whatever the build does.
+          plus codebooks (< 1 MB); rq-lut 4 bytes more per item (a float32 norm, for -L2 scores).
+          The final index is N·B whatever the build does.
       binary-ivf / ivf-flat: N·(B + 8) + 12·N + nlist·B (inverted lists store an 8-byte label).
       hnsw: N·(B + 8.5·M + 8) + 12·N (level-0 links are 2·M int32, upper levels ~6% more).
     Build: each batch task holds one batch of codes and its partial index (~3 × batch bytes); the
@@ -156,7 +161,7 @@ def ivf_nprobe(nlist: int) -> int:
 def index_memory_bytes(index_type: str, n: int, bytes_per_item: int, nlist: int = 0,
                        hnsw_m: int = HNSW_M) -> int:
     """Resident bytes of a loaded index of this type (see `IndexPlan`)."""
-    b = bytes_per_item
+    b = bytes_per_item + EXTRA_BYTES.get(index_type, 0)
     if index_type in IVF_TYPES:
         return n * (b + 8 + ID_BYTES) + nlist * b
     if index_type == HNSW:
@@ -266,8 +271,8 @@ def index_kind(coder: Any) -> str:
 
 def adc_engine_for(coder: Any, bits: int) -> str:
     """The ADC type for an asymmetric coder: faiss IndexPQ when it exposes its PQ (pq, opq),
-    faiss IndexResidualQuantizer when its score is an inner product with per-level codebooks (DRQ,
-    score='ip'), else the generic coder-lut scan."""
+    faiss IndexResidualQuantizer when it scores an embedded query against sum_m s_m C[b_m] by inner
+    product or -L2 (DRQ, score 'ip' / 'l2'), else the generic coder-lut scan."""
     if coder.method in ("pq", "opq") and hasattr(coder, "pq") and hasattr(coder, "to_pq_space"):
         return PQ_LUT
     if additive_codebooks(coder, bits) is not None:
@@ -275,13 +280,15 @@ def adc_engine_for(coder: Any, bits: int) -> str:
     return CODER_LUT
 
 
-def additive_codebooks(coder: Any, bits: int) -> tuple[np.ndarray, int] | None:
-    """((levels, K, d) float32 codebooks s_m·C, bits per level) when `coder` is a DRQ coder scoring
-    <embed(q), sum_m s_m C[b_m]>; None otherwise (or when it does not expose these)."""
+def additive_codebooks(coder: Any, bits: int) -> tuple[np.ndarray, int, str] | None:
+    """((levels, K, d) float32 codebooks s_m·C, bits per level, 'ip' | 'l2') when `coder` is a DRQ
+    coder whose score is <embed(q), z_hat> or -||embed(q) - z_hat||^2 with z_hat = sum_m s_m C[b_m];
+    None otherwise (another score, or a coder that does not expose these)."""
     if getattr(coder, "method", None) != "drq":
         return None
     cfg = getattr(coder, "config", None)
-    if getattr(cfg, "score", None) != "ip":
+    score = getattr(cfg, "score", None)
+    if score not in ("ip", "l2"):
         return None
     try:
         nb = int(cfg.bits_per_level)
@@ -291,9 +298,9 @@ def additive_codebooks(coder: Any, bits: int) -> tuple[np.ndarray, int] | None:
         s = net.scales(levels).detach().cpu().numpy().astype(np.float32).reshape(-1)
     except (AttributeError, TypeError, RuntimeError):
         return None
-    if len(s) != levels or bits % nb:
+    if len(s) != levels or bits % nb or not hasattr(coder, "embed"):
         return None
-    return np.stack([s[m] * cb for m in range(levels)]), nb
+    return np.stack([s[m] * cb for m in range(levels)]), nb, score
 
 
 def prefix(coder: Any, codes: np.ndarray, bits: int) -> np.ndarray:
@@ -348,8 +355,8 @@ class CodeIndex:
                 raw = faiss.vector_to_array(self.index.xb)
                 self._codes = raw.reshape(self.ntotal, self.index.code_size)
             elif t in (PQ_LUT, RQ_LUT):
-                raw = faiss.vector_to_array(self.index.codes)
-                self._codes = raw.reshape(self.ntotal, self.index.code_size)
+                raw = faiss.vector_to_array(self.index.codes).reshape(self.ntotal, self.index.code_size)
+                self._codes = _strip_norms(self.index, raw, self.plan.bytes_per_item)
             elif t == FLAT:
                 self._codes = self.index.reconstruct_n(0, self.ntotal).view(np.uint8)
             else:
@@ -380,15 +387,18 @@ def new_index(plan: IndexPlan, coder: Any, bits: int, trained: bytes | None = No
         got = additive_codebooks(coder, bits)
         if got is None:
             raise IndexBuildError(f"rq-lut: coder {coder.method} exposes no additive codebooks")
-        cbs, nb = got
+        cbs, nb, score = got
         levels, k, d = cbs.shape
-        idx = faiss.IndexResidualQuantizer(d, levels, nb, faiss.METRIC_INNER_PRODUCT,
-                                           faiss.AdditiveQuantizer.ST_LUT_nonorm)
+        aq = faiss.AdditiveQuantizer
+        # ip: LUT sums only; l2: ||q||^2 - 2 LUT + the stored float32 norm of z_hat
+        metric, st = ((faiss.METRIC_INNER_PRODUCT, aq.ST_LUT_nonorm) if score == "ip"
+                      else (faiss.METRIC_L2, aq.ST_norm_float))
+        idx = faiss.IndexResidualQuantizer(d, levels, nb, metric, st)
         faiss.copy_array_to_vector(np.ascontiguousarray(cbs.reshape(-1)), idx.rq.codebooks)
         idx.rq.is_trained = True
         idx.is_trained = True
-        if idx.code_size != b:
-            raise IndexBuildError(f"rq-lut: code size {idx.code_size} != stored {b} bytes")
+        if (levels * nb + 7) // 8 != b:
+            raise IndexBuildError(f"rq-lut: {levels} levels of {nb} bits != stored {b} bytes")
         return idx
     d = b // 4
     if t == HNSW and final:
@@ -421,12 +431,57 @@ def add_codes(index: Any, plan: IndexPlan, coder: Any, bits: int, full_codes: np
     Cost: a copy of the codes (float kinds: decoded to vectors; IVF: one coarse assignment each)."""
     codes = prefix(coder, full_codes, bits)
     t = plan.index_type
-    if t in (PQ_LUT, RQ_LUT):
+    if t == RQ_LUT and index.rq.search_type != faiss.AdditiveQuantizer.ST_LUT_nonorm:
+        index.add_sa_codes(_rq_codes_with_norms(index.rq, codes))
+    elif t in (PQ_LUT, RQ_LUT):
         index.add_sa_codes(np.ascontiguousarray(codes))
     elif t in BINARY_STORAGE:
         index.add(np.ascontiguousarray(codes))
     else:
         index.add(np.ascontiguousarray(coder.decode(codes), dtype=np.float32))
+
+
+def _unpack_levels(codes: np.ndarray, levels: int, nb: int) -> np.ndarray:
+    """(n, B) packed codes (level m in bits [m·nb, (m+1)·nb), LSB first, faiss's layout) ->
+    (n, levels) int32 level indices."""
+    if nb == 8:
+        return np.ascontiguousarray(codes[:, :levels], dtype=np.int32)
+    bitstream = np.unpackbits(codes, axis=1, bitorder="little")[:, : levels * nb]
+    weights = (1 << np.arange(nb, dtype=np.int64))
+    return (bitstream.reshape(len(codes), levels, nb).astype(np.int64) @ weights).astype(np.int32)
+
+
+def _rq_codes_with_norms(rq: Any, codes: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Stored level codes -> faiss codes that also carry ||z_hat||^2 (ST_norm_float): decode z_hat
+    = sum_m codebook_m[b_m] in float32 (n·levels·d flops, chunked) and let faiss pack codes + norm."""
+    levels, nb, d = rq.M, rq.nbits.at(0), rq.d
+    cbs = faiss.vector_to_array(rq.codebooks).reshape(levels, -1, d)
+    out = np.empty((len(codes), rq.code_size), dtype=np.uint8)
+    for i in range(0, len(codes), chunk):
+        lv = _unpack_levels(codes[i:i + chunk], levels, nb)
+        z = np.zeros((len(lv), d), dtype=np.float32)
+        for m in range(levels):
+            z += cbs[m][lv[:, m]]
+        norms = np.ascontiguousarray(np.einsum("nd,nd->n", z, z), dtype=np.float32)
+        part = np.empty((len(lv), rq.code_size), dtype=np.uint8)
+        rq.pack_codes(len(lv), faiss.swig_ptr(np.ascontiguousarray(lv)), faiss.swig_ptr(part), -1,
+                      faiss.swig_ptr(norms), None)
+        out[i:i + chunk] = part
+    return out
+
+
+def _strip_norms(index: Any, raw: np.ndarray, nbytes: int) -> np.ndarray:
+    """faiss flat codes -> the stored codes (first `nbytes` bytes; the bits after the last level,
+    where rq-lut keeps its norm, cleared)."""
+    out = raw[:, :nbytes]
+    rq = getattr(index, "rq", None)
+    if rq is None or rq.search_type == faiss.AdditiveQuantizer.ST_LUT_nonorm:
+        return out
+    used = rq.M * rq.nbits.at(0) - 8 * (nbytes - 1)
+    if used < 8:
+        out = out.copy()
+        out[:, -1] &= np.uint8((1 << used) - 1)
+    return out
 
 
 def merge_into(dst: CodeIndex, src: CodeIndex) -> None:
@@ -496,7 +551,8 @@ def search_prepared(ci: CodeIndex, coder: Any, q: np.ndarray, k: int,
         d, i = faiss.downcast_index(ci.index.storage).search(q, k)
     else:
         d, i = ci.index.search(q, k)
-    scores = d.astype(np.float32) if t == RQ_LUT else -d.astype(np.float32)
+    ip = getattr(ci.index, "metric_type", None) == faiss.METRIC_INNER_PRODUCT
+    scores = d.astype(np.float32) if ip else -d.astype(np.float32)
     i = i.astype(np.int64)
     scores[i < 0] = -np.inf
     return scores, i
@@ -593,7 +649,7 @@ def evaluate(ci: CodeIndex, coder: Any, positions: np.ndarray, features: np.ndar
     vectors as queries (what encoding their features gives), ADC indexes need their `features`
     (nq, D). The exact ranking is the coder's own: Hamming / coder.scores / L2 over every stored
     code (exhaustive search for IVF and HNSW). Latency: one query at a time through
-    prepare + search, first `latency_queries` queries, p50/p99 in ms.
+    prepare + search on one faiss thread, first `latency_queries` queries, p50/p99 in ms.
     Cost: the exact search, nq · N score evaluations, dominates.
     """
     t = ci.plan.index_type
@@ -622,14 +678,19 @@ def evaluate(ci: CodeIndex, coder: Any, positions: np.ndarray, features: np.ndar
     recall = tie_aware_recall(ref, kth, kk)
     lat = []
     src = raw if raw is not None else q
-    for r in range(min(latency_queries, nq)):
-        t0 = time.perf_counter()
-        qq = prepare_queries(ci.plan, coder, ci.bits, src[r:r + 1]) if raw is not None else src[r:r + 1]
-        search_prepared(ci, coder, qq, kk)
-        lat.append((time.perf_counter() - t0) * 1e3)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # one core per query: OpenMP barriers on a shared machine add 10-40x noise
+    try:
+        for r in range(min(latency_queries, nq)):
+            t0 = time.perf_counter()
+            qq = prepare_queries(ci.plan, coder, ci.bits, src[r:r + 1]) if raw is not None else src[r:r + 1]
+            search_prepared(ci, coder, qq, kk)
+            lat.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return {"queries": int(nq), "k": int(kk), f"recall_at_{k}": round(recall, 5),
             "p50_ms": round(float(np.percentile(lat, 50)), 4),
-            "p99_ms": round(float(np.percentile(lat, 99)), 4),
+            "p99_ms": round(float(np.percentile(lat, 99)), 4), "latency_threads": 1,
             "latency_queries": len(lat), "query_source": "features" if raw is not None else "stored codes"}
 
 

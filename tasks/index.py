@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -33,6 +34,19 @@ TRAIN_ROWS_PER_LIST = 64        # coarse-quantizer training sample: 64 rows per 
 MAX_TRAIN_ROWS = 262_144
 MAX_EVAL_PARTS = 4              # ADC evaluation reads the features of at most this many shards
 
+_STORES: dict[tuple, Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _store(settings: Settings) -> Store:
+    """One store per process and location: an S3 client costs ~0.2 s to create and is thread-safe,
+    so the tasks of a run (and of later runs in a worker) share it."""
+    key = (settings.store, settings.s3_endpoint, settings.s3_region, settings.s3_retries)
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = open_store(settings)
+        return _STORES[key]
+
 
 def read_code_shard(store: Store, ref: ShardRef, nbytes: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(ids int64, full-length codes (n, nbytes) uint8, checksum of the bytes read) of one codes shard.
@@ -51,7 +65,7 @@ def read_code_shard(store: Store, ref: ShardRef, nbytes: int) -> tuple[np.ndarra
 def count_rows(settings: Settings, refs: list[ShardRef]) -> list[int]:
     """Rows of each shard from its Parquet footer (one small range read per shard; 0 if unreadable:
     the batch task records why)."""
-    store = open_store(settings)
+    store = _store(settings)
     out = []
     for ref in refs:
         try:
@@ -69,7 +83,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     up to 64 rows per list) and stage the empty trained index. Skipped when already staged.
     Memory: the sample (<= 262144 rows) plus the k-means state."""
     log = logger()
-    store = open_store(settings)
+    store = _store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     want = min(MAX_TRAIN_ROWS, max(p.nlist * TRAIN_ROWS_PER_LIST, p.nlist * 39))
@@ -118,7 +132,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     so a rerun after a kill reuses a staged batch instead of reading its shards again.
     Memory ~ 3 × the batch's codes (the codes, the partial index, its serialised bytes)."""
     log = logger()
-    store = open_store(settings)
+    store = _store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     digest = ix.digest_of({"format": ix.FORMAT, "code": INDEX_CODE_VERSION, "type": p.index_type,
@@ -173,7 +187,7 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     and ids.parquet (build.json comes from `evaluate_version`). Peak memory ~ 2 × the final index
     (the index and its serialised bytes) + one partial. Returns the version and counts."""
     log = logger()
-    store = open_store(settings)
+    store = _store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, _ = load_coder(store, coder_id)
     t0 = time.perf_counter()
@@ -226,7 +240,7 @@ def evaluate_version(settings: Settings, name: str, version: int, build: dict[st
     version is complete. An exact index below EXACT_RECALL_GATE raises IndexBuildError (the flow
     discards the version). ADC queries need stored features: at most 4 features shards are read."""
     log = logger()
-    store = open_store(settings)
+    store = _store(settings)
     t0 = time.perf_counter()
     ci, _ = ix.load_version(store, name, version, build)
     coder, card = load_coder(store, build["coder_id"])

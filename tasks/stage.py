@@ -83,12 +83,24 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
         qkey = quarantine_shard(store, stage, ref.key, e.reason, checksum, source=input_store)
         log.error("%s %s: QUARANTINED (%s) -> %s", stage, ref.key, e.reason, store.uri_of(qkey))
         return ShardOutcome(stage, ref.part, "quarantined", reason=e.reason)
-    out_checksum = write_table(store, output_key, table)
-    seconds = time.perf_counter() - t0
-    write_manifest(store, mkey, Manifest(
-        stage=stage, dataset=dataset, part=ref.part, input_key=ref.key, input_checksum=checksum,
-        rows=table.num_rows, output_key=output_key, output_checksum=out_checksum,
-        code_version=code_version, seconds=seconds, stats=stats))
+    try:
+        out_checksum = write_table(store, output_key, table)
+        seconds = time.perf_counter() - t0
+        write_manifest(store, mkey, Manifest(
+            stage=stage, dataset=dataset, part=ref.part, input_key=ref.key, input_checksum=checksum,
+            rows=table.num_rows, output_key=output_key, output_checksum=out_checksum,
+            code_version=code_version, seconds=seconds, stats=stats))
+    except Exception:
+        # A PUT the client saw fail may still have landed (response lost), and a manifest write may
+        # fail after the output's: take both down again, manifest first, best effort, so a failed
+        # shard leaves nothing visible. (A killed process cannot: its next run rewrites the output.)
+        for key in (mkey, output_key):
+            try:
+                store.delete(key)
+            except StoreError as e:
+                log.warning("%s %s: could not remove %s after a failed write: %s", stage, ref.key,
+                            store.uri_of(key), e)
+        raise
     log.info("%s %s part %d: done, %d rows in %.1fs", stage, dataset, ref.part, table.num_rows, seconds)
     return ShardOutcome(stage, ref.part, "done", table.num_rows, store.uri_of(output_key), seconds,
                         stats=stats)

@@ -29,11 +29,13 @@ from infra.search import Searcher
 from infra.settings import Settings
 from infra.shards import codes_table, features_table, write_table
 from infra.store import Store, open_store
+from flows.cli import main as cli
 from tests.conftest import settings_dict
+from tests.helpers import register_untrained_cnn
 
 pytestmark = pytest.mark.s3
 
-DATASET, MODEL, D, ROWS = "synth", "synth-model", 32, 300
+DATASET, MODEL, D, ROWS = "synth", "test-cnn", 32, 300  # MODEL: an untrained 32-d SmallCNN (image queries)
 
 
 def synthetic(parts: range, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +101,14 @@ def staged(store, name):
     return [i.key for i in store.list(layout.index_prefix(name) + "_staging/")]
 
 
-def test_build_search_refresh_on_s3(prefect_server, s3_settings):
+def cli_json(capsys, *argv, settings) -> dict:
+    """Run `codeshard …` in-process against `settings`' store; its printed JSON."""
+    capsys.readouterr()
+    assert cli([*argv, "--store", settings.store, "--s3-endpoint", settings.s3_endpoint]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_path):
     cfg = settings_dict(s3_settings)
     store = open_store(s3_settings)
     coders = fit_coders(store)
@@ -133,8 +142,19 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings):
     hit = res.hits[0][0]
     assert set(hit) >= {"id", "score", "label", "split", "rank"} and hit["split"] in ("query", "database")
     by_id = searcher.search_by_id(int(db_ids[123]), k=5)
-    assert by_id.ids[0][0] == db_ids[123] or by_id.scores[0][0] == 0.0  # itself (or a code twin) first
-    assert by_id.hits[0][0]["label"] == int(synthetic(range(0, 1))[2][123])
+    assert by_id.scores[0][0] == 0.0 and int(db_ids[123]) in by_id.ids[0][by_id.scores[0] == 0.0]
+    me = [h for h in by_id.hits[0] if h["id"] == int(db_ids[123])][0]
+    assert me["label"] == int(synthetic(range(0, 1))[2][123]) and me["split"] == "database"
+    # the CLI: --id uses the stored feature; --image embeds a PNG with the coder's model (test-cnn)
+    out = cli_json(capsys, "search", "--name", "synth-itq", "--id", str(db_ids[123]), "-k", "3", settings=s3_settings)
+    assert out["version"] == 1 and len(out["hits"]) == 3 and out["hits"][0]["score"] == 0.0
+    register_untrained_cnn(store)
+    from PIL import Image
+
+    Image.fromarray((np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)).save(tmp_path / "q.png")
+    out = cli_json(capsys, "search", "--name", "synth-itq", "--image", str(tmp_path / "q.png"), "-k", "4",
+                   settings=s3_settings)
+    assert len(out["hits"]) == 4 and all(h["id"] in set(db_ids.tolist()) for h in out["hits"])
 
     # -- refresh after adding 2 shards (10%): reads only those -----------------------------------
     write_parts(store, coders, range(20, 22))
@@ -150,7 +170,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings):
     assert_equals_coder_ranking(res2, itq, db_ids, db_codes, queries)
     # nothing new: up to date, no code shard read
     before = collections.Counter(Store.reads)
-    again = refresh_index("synth-itq", settings=cfg)
+    again = cli_json(capsys, "index", "refresh", "--name", "synth-itq", settings=s3_settings)
     assert not code_reads_since(store, "itq-test", before)
     assert (again["status"], again["version"], again["code_shards_read"]) == ("up-to-date", 2, {})
 
@@ -175,9 +195,16 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
     write_parts(store, coders, range(8))
     db_ids, db_x, _ = synthetic(range(8))
     queries = db_x[::200] + 0.05
+    bad = layout.codes_key(DATASET, "pq-test", 9)
+    store.write_bytes(bad, b"PAR1 not parquet")  # an unreadable shard: skipped and recorded, not fatal
 
     s = build_index(DATASET, "pq-test", 32, "synth-pq", shards_per_task=3, settings=cfg)
-    assert (s["status"], s["index_type"], s["recall_at_10"]) == ("published", ix.PQ_LUT, 1.0)
+    assert (s["status"], s["index_type"], s["recall_at_10"], s["n"]) == ("published", ix.PQ_LUT, 1.0, 2400)
+    invalid = ix.read_build(store, "synth-pq", 1)["invalid"]
+    assert [i["key"] for i in invalid] == [bad] and "not a readable codes shard" in invalid[0]["reason"]
+    before = collections.Counter(Store.reads)
+    assert refresh_index("synth-pq", settings=cfg)["status"] == "up-to-date"  # unchanged: not re-read
+    assert not code_reads_since(store, "pq-test", before)
     res = Searcher(store, "synth-pq").search(queries, k=10)
     pq_coder = coders["pq-test"]
     assert_equals_coder_ranking(res, pq_coder, db_ids, pq_coder.encode(db_x), queries)

@@ -25,9 +25,14 @@ def data():
     return x, labels
 
 
-CODERS = {
-    "itq": dict(bits=32), "lsh": dict(bits=64), "pq": dict(bits=32), "opq": dict(bits=32), "float": {},
-    "drq": dict(levels=4, dim=16, hidden=0, epochs_embed=2, epochs_level0=1, epochs_all=1),
+DRQ_FAST = dict(dim=16, hidden=0, epochs_embed=2, epochs_level0=1, epochs_all=1)
+CODERS = {  # name: (method, config)
+    "itq": ("itq", dict(bits=32)), "lsh": ("lsh", dict(bits=64)), "pq": ("pq", dict(bits=32)),
+    "opq": ("opq", dict(bits=32)), "float": ("float", {}),
+    "drq": ("drq", dict(levels=4, score="l2", **DRQ_FAST)),
+    "drq-ip": ("drq", dict(levels=4, score="ip", **DRQ_FAST)),
+    "drq-cos": ("drq", dict(levels=4, score="cos", **DRQ_FAST)),
+    "drq-k16": ("drq", dict(levels=6, codebook_size=16, score="l2", **DRQ_FAST)),  # 4-bit levels
 }
 
 
@@ -35,10 +40,10 @@ CODERS = {
 def coders(data):
     x, labels = data
     out = {}
-    for method, kw in CODERS.items():
+    for name, (method, kw) in CODERS.items():
         c = make_coder(method, **kw)
         c.fit(x[:2000], labels[:2000])
-        out[method] = (c, c.encode(x))
+        out[name] = (c, c.encode(x))
     return out
 
 
@@ -142,6 +147,8 @@ def test_shards_per_task_bounds_memory_and_keeps_workers_busy():
 @pytest.mark.parametrize("method,bits,engine", [
     ("itq", 32, ix.BINARY_FLAT), ("lsh", 64, ix.BINARY_FLAT), ("pq", 32, ix.PQ_LUT), ("opq", 32, ix.PQ_LUT),
     ("float", None, ix.FLAT), ("drq", 32, ix.RQ_LUT), ("drq", 16, ix.RQ_LUT), ("drq", 8, ix.RQ_LUT),
+    ("drq-ip", 32, ix.RQ_LUT), ("drq-ip", 8, ix.RQ_LUT), ("drq-cos", 16, ix.CODER_LUT),
+    ("drq-k16", 24, ix.RQ_LUT), ("drq-k16", 12, ix.RQ_LUT), ("drq-k16", 4, ix.RQ_LUT),
 ])
 def test_index_search_equals_coder_search_up_to_ties(data, coders, method, bits, engine):
     coder, codes = coders[method]
@@ -184,7 +191,7 @@ def test_serialisation_round_trip_searches_identically(data, coders, method, ind
     np.testing.assert_array_equal(back.parts, ci.parts)
 
 
-@pytest.mark.parametrize("method", ["itq", "pq", "drq", "float"])
+@pytest.mark.parametrize("method", ["itq", "pq", "drq", "drq-k16", "float"])
 def test_sharded_build_equals_a_single_build(coders, method):
     coder, codes = coders[method]
     one = build_in_memory(coder, codes, coder.full_bits, parts=1)
@@ -192,7 +199,7 @@ def test_sharded_build_equals_a_single_build(coders, method):
     np.testing.assert_array_equal(one.codes(), many.codes())
 
 
-@pytest.mark.parametrize("method", ["itq", "pq", "drq", "float"])
+@pytest.mark.parametrize("method", ["itq", "pq", "drq", "drq-k16", "float"])
 def test_remove_parts_drops_their_rows_and_keeps_the_order(data, coders, method):
     coder, codes = coders[method]
     ci = build_in_memory(coder, codes, coder.full_bits)
