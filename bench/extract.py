@@ -1,7 +1,7 @@
 """Feature-extraction throughput: the real `extract_features` flow vs a bare torch forward loop.
 
 Usage: .venv/bin/python bench/extract.py [--batch-sizes 256,1024] [--shards 0:2] [--shard-rows 3000]
-                                        [--workers 2] [--reps 2] [--profile] [--device cpu|cuda]
+                                        [--workers 2] [--reps 3] [--profile] [--device cpu|cuda]
 
 Setup (not timed): a local store (file:// in a temp dir), Fashion-MNIST ingested by the real
 `ingest` flow into shards of `--shard-rows` rows, and a freshly initialised SmallCNN (embed_dim 128)
@@ -9,7 +9,8 @@ registered the way tests/helpers.py registers its untrained CNN.
 
 Sides, timed alternately (bare, flow, skip, bare, flow, skip, ...), medians of `--reps` rounds:
 - bare: `module(preprocess(pixels[i:i+bs]))` over the already-decoded pixels of the same shards, in
-  memory, torch at `--bare-threads` (default: all cores). Decodes nothing, reads nothing.
+  memory, one side per torch thread count in `--bare-threads` (default 1 and all cores); the ratio
+  is taken against the faster one. Decodes nothing, reads nothing.
 - flow: `extract_features(..., shards=S, force=True)` with the thread task runner the CLI uses
   (`max_workers` from `--workers`): Parquet read, PNG decode, forward, Parquet write, manifests,
   Prefect task/flow bookkeeping. Counted with and without the fixed per-run overhead.
@@ -18,8 +19,11 @@ Sides, timed alternately (bare, flow, skip, bare, flow, skip, ...), medians of `
 Prefect's ephemeral-server start-up is measured once, separately (a no-op flow run first).
 
 --profile: afterwards, cProfile of one `extract_shard` call (its `.fn`, no Prefect engine) split into
-Parquet read / arrow->bytes / PNG decode / preprocess / forward / write / manifest, plus a
+Parquet read / PNG decode / preprocess / forward / write / manifest, plus a
 forward-only torch-threads comparison (1 thread vs all cores) on one shard's pixels.
+
+Besides img/s (wall), CPU ms per image (this process + the Prefect server child) is reported: on a
+shared machine it moves far less with other people's load than wall time does.
 
 Target (the issue): flow >= 0.8x bare images/s.
 """
@@ -54,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", default="2", help="flow max_workers values to compare, e.g. 2,1")
     p.add_argument("--bare-threads", default="1,0",
                    help="torch thread counts of the bare loop, each its own side (0: all cores)")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true")
     harness.add_device_arg(p)
     return p.parse_args()
@@ -152,7 +156,7 @@ def main() -> int:
                    for i in range(0, n, bs)]
         return np.concatenate(out)
 
-    rows, rss = [], {}
+    rows, rss, cpu = [], {}, {}
     skip_all = []
     for bs in batch_sizes:
         sides = {f"bare t={k}": lambda bs=bs, k=k: bare(bs, k) for k in bare_threads}
@@ -162,10 +166,15 @@ def main() -> int:
 
         def with_rss(name, fn):
             def run():
+                c0 = harness.cpu_seconds()
                 with harness.PeakRss() as r:
                     fn()
+                cpu.setdefault((bs, name), []).append(harness.cpu_seconds() - c0)
                 rss[(bs, name)] = max(rss.get((bs, name), 0), r.peak)
             return run
+
+        def cpu_ms(name):
+            return 1e3 * harness.median(cpu[(bs, name)]) / n
 
         for k in bare_threads:  # untimed warm-up at this batch size (oneDNN primitive cache), 2 batches
             torch.set_num_threads(k)
@@ -179,6 +188,7 @@ def main() -> int:
         for k in bare_threads:
             ips = n / harness.median(t[f"bare t={k}"])
             rows.append([bs, "bare forward", f"{k}", ips, "", f"{ips / bare_ips:.2f}", "",
+                         cpu_ms(f"bare t={k}"), "",
                          harness.mib(rss[(bs, f'bare t={k}')]), harness.spread(t[f"bare t={k}"]), load])
         for mw in workers:
             wall = harness.median(t[f"flow w={mw}"])
@@ -186,6 +196,7 @@ def main() -> int:
             ips_ex = n / max(wall - skip, 1e-9)
             rows.append([bs, f"flow max_workers={mw}", f"{max(1, ncpu // mw)} per task x {mw} tasks",
                          ips, ips_ex, f"{ips / bare_ips:.2f}", f"{ips_ex / bare_ips:.2f}",
+                         cpu_ms(f"flow w={mw}"), cpu_ms(f"flow w={mw}") - cpu_ms("skip"),
                          harness.mib(rss[(bs, f'flow w={mw}')]), harness.spread(t[f"flow w={mw}"]), load])
 
     print(f"images: {n} ({len(refs)} shards of {args.shard_rows} rows, parts {args.shards}), "
@@ -197,7 +208,10 @@ def main() -> int:
           f"(range {harness.spread(skip_all)} s)")
     harness.print_table(
         ["batch", "side", "torch threads", "img/s", "img/s excl. run overhead", "ratio vs best bare",
-         "ratio excl. overhead", "peak RSS MiB", "wall s range", "load 1/5/15"], rows)
+         "ratio excl. overhead", "CPU ms/img", "CPU ms/img excl. overhead", "peak RSS MiB",
+         "wall s range", "load 1/5/15"], rows)
+    print("CPU ms/img: user+system CPU of this process and its children (the Prefect server) per image;"
+          " excl. overhead subtracts the skip run's CPU.")
     print(f"target: flow >= 0.8x the best bare side.  load after: {harness.load_avg()}")
 
     if args.profile:

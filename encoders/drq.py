@@ -50,7 +50,7 @@ class DRQConfig:
     dim: int = 64                   # embedding dimension D
     hidden: int = 512               # MLP hidden width; 0 -> a single linear layer
     similarity_loss: str = "proxy"  # "proxy" (normalised-softmax proxies) or "triplet" (batch-hard)
-    proxy_temperature: float = 0.1  # cosine-logit temperature of the proxy loss
+    proxy_temperature: float = 0.4  # cosine-logit temperature of the proxy loss
     triplet_margin: float = 0.2
     assign: str = "l2"              # level assignment: "l2" (nearest s_m C_k) or "cos" (max cosine)
     score: str = "l2"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2; "cos": <q, z_hat>/||z_hat||
@@ -370,7 +370,10 @@ class DRQCoder(Coder):
             if stage_levels > 1:
                 params.append(net.level_scales)
             head = [proxies] + (list(net.mlp.parameters()) if cfg.finetune_embedding else [])
-            opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0},
+            import os
+            _cl = float(os.environ.get("DRQ_CB_LR_ALL", "1")) if stage_levels > 1 else 1.0
+            opt = torch.optim.AdamW([{"params": [net.codebook], "weight_decay": 0.0, "lr": cfg.lr * _cl},
+                                     {"params": params[1:], "weight_decay": 0.0},
                                      {"params": head, "lr": cfg.lr * 0.1}], lr=cfg.lr, weight_decay=cfg.weight_decay)
             for _ in range(epochs):
                 for xb, yb in batches():

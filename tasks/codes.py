@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from prefect import task
 from prefect.tasks import exponential_backoff
 
@@ -98,8 +99,14 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
         except ValueError as e:  # validated, finite float32 rows: what is left is a shape the coder refuses
             raise ShardInvalid(ref.key, f"coder {coder_id} cannot encode it: {e}") from None
         dt = time.perf_counter() - t0
-        return codes_table(table.column("id").to_numpy(), codes), {
-            "encode_us_per_item": 1e6 * dt / max(1, len(x)), "bytes_per_item": int(codes.shape[1])}
+        out = codes_table(table.column("id").to_numpy(), codes)
+        stats = {"encode_us_per_item": 1e6 * dt / max(1, len(x)), "bytes_per_item": int(codes.shape[1])}
+        if hasattr(coder, "ood_flag"):  # LLC: the decoded class and the OOD flag ride beside the code
+            cls, _ = coder.predict_class(x)
+            flag = coder.ood_flag(x)
+            out = out.append_column("class", pa.array(cls.astype(np.int32))).append_column("ood", pa.array(flag))
+            stats["ood_rows"] = int(flag.sum())
+        return out, stats
 
     outcome = run_shard_stage(store, stage="encode", dataset=dataset, output_id=coder_id, ref=ref,
                               output_key=layout.codes_key(dataset, coder_id, ref.part),

@@ -172,6 +172,22 @@ class PeakRss:
         self.peak = max(self.peak, self._rss())
 
 
+def cpu_seconds(children: bool = True) -> float:
+    """user + system CPU seconds of this process (and its live children: Prefect's ephemeral server).
+    Less load-sensitive than wall time: a preempted thread accrues none (spin-waits still count)."""
+    p = psutil.Process()
+    t = p.cpu_times()
+    total = t.user + t.system
+    if children:
+        for c in p.children(recursive=True):
+            try:
+                ct = c.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                pass
+    return total
+
+
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.0f}"
 

@@ -185,9 +185,23 @@ def test_cli_output_never_shows_a_secret(prefect_server, seaweed, s3_settings):
 
 
 @pytest.mark.s3
-def test_flow_runs_keep_no_secret(prefect_server, seaweed, s3_settings, caplog):
-    """Run ingest + extract (with a quarantined shard, for the error paths) with DEBUG logs: no log
-    record, Prefect log, artifact, stored flow-run parameter or store object holds the secret."""
+class _Capture(logging.Handler):
+    """Every record, formatted with its traceback and raw args (Prefect's logging setup may drop
+    pytest's caplog handler from the root logger, so the test keeps its own)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{self.format(record)} {record.args!r} {record.__dict__.get('exc_text') or ''}")
+
+
+def test_flow_runs_keep_no_secret(prefect_server, seaweed, s3_settings):
+    """Run ingest + extract (with a quarantined shard, for the error paths) with every logger at
+    DEBUG: no log record, Prefect log, artifact, stored flow-run parameter or store object holds
+    the secret."""
     import anyio
     import pyarrow as pa
     from prefect.client.orchestration import get_client
@@ -205,16 +219,24 @@ def test_flow_runs_keep_no_secret(prefect_server, seaweed, s3_settings, caplog):
     assert secret == DEFAULT_SECRET_KEY  # the server's real secret: the runs below succeed with it
     cfg = settings_dict(s3_settings)
     store = open_store(s3_settings)
-    caplog.set_level(logging.DEBUG)
-    states = [ingest("digits", shard_rows=900, settings=cfg, return_state=True)]
-    register_untrained_cnn(store)
-    store.write_bytes(layout.raw_key("digits", 2), table_bytes(pa.table({"id": [1], "pixels": [b"x"]})))
-    states.append(extract_features("digits", "test-cnn", settings=cfg, return_state=True))
+    root, capture = logging.getLogger(), _Capture()
+    level = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)  # botocore's DEBUG logs show request headers: the place a key would leak
+    try:
+        states = [ingest("digits", shard_rows=900, settings=cfg, return_state=True)]
+        register_untrained_cnn(store)
+        store.write_bytes(layout.raw_key("digits", 2), table_bytes(pa.table({"id": [1], "pixels": [b"x"]})))
+        states.append(extract_features("digits", "test-cnn", settings=cfg, return_state=True))
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(level)
     assert states[1].result()["quarantined"] and states[1].result()["done"] == 2
     run_ids = [s.state_details.flow_run_id for s in states]
 
-    logged = caplog.text + "\n".join(str(r.__dict__) for r in caplog.records)
-    assert len(caplog.records) > 50 and secret not in logged
+    logged = "\n".join(capture.lines)
+    assert len(capture.lines) > 100 and "botocore" in logged and "prefect.flow_runs" in logged
+    assert secret not in logged
 
     async def stored():
         async with get_client() as c:
