@@ -18,7 +18,8 @@ Sides, timed alternately (bare, flow, skip, bare, flow, skip, ...), medians of `
   time is the flow's fixed per-run overhead (Prefect flow + task runs, listing, manifest reads).
 Prefect's ephemeral-server start-up is measured once, separately (a no-op flow run first).
 
---profile: afterwards, cProfile of one `extract_shard` call (its `.fn`, no Prefect engine) split into
+--profile: afterwards, the flow vs its task bodies run in plain threads (no Prefect) vs bare, then
+cProfile of one `extract_shard` call (its `.fn`, no Prefect engine) split into
 Parquet read / PNG decode / preprocess / forward / write / manifest, plus a
 forward-only torch-threads comparison (1 thread vs all cores) on one shard's pixels.
 
@@ -215,8 +216,38 @@ def main() -> int:
     print(f"target: flow >= 0.8x the best bare side.  load after: {harness.load_avg()}")
 
     if args.profile:
+        engine_vs_work(c0, refs, n, lambda: bare(batch_sizes[0], 1),
+                       lambda: run_flow(c0, force=True), args)
         profile_one_shard(c0, refs[0], pixels[: args.shard_rows], backbone, batch_sizes[0], args)
     return 0
+
+
+def engine_vs_work(c: dict, refs, n: int, bare1, flow, args) -> None:
+    """The same shards three ways, interleaved: the flow; the task bodies (`extract_shard.fn`) in a
+    plain thread pool of max_workers (no Prefect engine, no flow); the bare 1-thread forward loop.
+    Separates Prefect's cost from the task's own work (read, decode, forward, write, manifest)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.settings import Settings
+    from tasks.extract import extract_shard
+
+    settings = Settings.load(**c)
+
+    def plain():
+        with ThreadPoolExecutor(c["max_workers"]) as ex:
+            out = list(ex.map(lambda r: extract_shard.fn(settings, DATASET, MODEL_ID, r, force=True), refs))
+        assert all(o["status"] == "done" for o in out), out
+
+    load = harness.load_avg()
+    t = harness.interleave({"flow (Prefect)": flow, "task bodies, plain threads": plain,
+                            "bare forward, 1 thread": bare1}, args.reps, warmup=False)
+    print()
+    print(f"### where the flow's wall time goes: {n} images, batch {c['batch_size']}, "
+          f"max_workers={c['max_workers']} (load {load})")
+    best = n / harness.median(t["bare forward, 1 thread"])
+    harness.print_table(["side", "img/s", "ratio vs bare", "wall s range"],
+                        [[k, n / harness.median(v), f"{n / harness.median(v) / best:.2f}", harness.spread(v)]
+                         for k, v in t.items()])
 
 
 def profile_one_shard(c: dict, ref, pixels, backbone, bs: int, args) -> None:

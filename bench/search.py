@@ -80,7 +80,8 @@ def main() -> int:
     n, nq = len(xb), len(xq)
     harness.header(f"search: ours vs faiss brute force ({args.db})")
     print(f"data: {data['desc']}; {nq} queries, k={k}, code length {args.bits} bits; {harness.threads_line()}"
-          f"{'; faiss on GPU' if gpu else ''}")
+          f"{'; faiss on GPU' if gpu else ''}; faiss distance_compute_blas_threshold "
+          f"{faiss.cvar.distance_compute_blas_threshold} (IndexFlatL2 uses BLAS only above it)")
 
     pairs = []  # (row name, bytes/item, ours(q) -> (D, I), faiss(q) -> (D, I), exact-compare kind)
     coders = {}
@@ -114,6 +115,8 @@ def main() -> int:
     pq_index = None
     for method in ("pq", "float"):
         coder = harness.fit_coder(method, args.bits, data["train"], data["train_labels"])
+        if coder is None:
+            continue
         codes = coder.encode(xb)
         if method == "pq":
             index = faiss.clone_index(coder._index)  # the coder's trained IndexPQ (behind padding if any)
@@ -127,6 +130,8 @@ def main() -> int:
         pairs.append((name, codes.shape[1], lambda q, c=coder, b=codes: chunked_search(c, q, b, k),
                       lambda q, ix=index: ix.search(q, k), "pq" if method == "pq" else "l2"))
     for method in ("drq", "gsl"):
+        if pq_index is None:
+            break
         coder = harness.fit_coder(method, args.bits, data["train"], data["train_labels"], n_train=5000)
         if coder is None:
             continue

@@ -11,6 +11,7 @@ import numpy as np
 
 from encoders.coders import Coder, make_coder
 from encoders.metrics import mean_average_precision
+from encoders.ood import auroc, detection_rates, fpr_at_tpr
 
 # Row variants of one coder family: name -> (registry method, extra config, trains one model per length?)
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -120,3 +121,34 @@ def random_coder_map(query: Split, database: Split, seed: int = 0) -> float:
     return mean_average_precision(lambda sl: rng.random((sl.stop - sl.start, len(database.labels)),
                                                        dtype=np.float32),
                                   query.labels, database.labels)["map"]
+
+
+def ood_report(coder: Any, x_in: np.ndarray, x_out: np.ndarray) -> dict[str, float]:
+    """Held-out-class detection figures of a fitted LLC coder (METHODS.md, "LLC"). Pure.
+
+    coder: fitted on the in-distribution classes only (needs `class_distances`, `ood_flag`,
+    `msp_score`, `radius`, `d_min`, `config.bits`). x_in: (n_in, D) features of in-distribution
+    classes; x_out: (n_out, D) features of held-out classes. Positive = in-distribution, higher
+    score = more in-distribution (encoders/ood.py); *_fpr95 = FPR at 95% TPR:
+      llc_*: score = minus the Hamming distance of the instance code to its nearest class code
+             (an integer score: AUROC counts ties 1/2, FPR interpolates inside tied blocks);
+      msp_*: the phase-1 classifier's max-softmax probability (the baseline);
+      flag_tpr / flag_fpr: fraction of in- / out-of-distribution items accepted (not flagged) by
+             the threshold-free `ood_flag`; flag_fpr is the OOD items it misses.
+    Cost: three MLP forward passes (instance head twice, phase-1 trunk once) over n_in + n_out
+    rows, plus O(n log n) ranking.
+    """
+    x_in = np.ascontiguousarray(x_in, dtype=np.float32)
+    x_out = np.ascontiguousarray(x_out, dtype=np.float32)
+    if len(x_in) == 0 or len(x_out) == 0:
+        raise ValueError(f"need in- and out-of-distribution rows, got {len(x_in)} and {len(x_out)}")
+    x = np.concatenate([x_in, x_out])
+    is_in = np.r_[np.ones(len(x_in), bool), np.zeros(len(x_out), bool)]
+    llc = -coder.class_distances(x).min(1).astype(np.float64)
+    msp = np.asarray(coder.msp_score(x), dtype=np.float64)
+    flag_tpr, flag_fpr = detection_rates(~np.asarray(coder.ood_flag(x), bool), is_in)
+    return {"bits": int(coder.config.bits), "d_min": int(coder.d_min), "radius": int(coder.radius),
+            "n_in": int(len(x_in)), "n_out": int(len(x_out)),
+            "llc_auroc": auroc(llc, is_in), "llc_fpr95": fpr_at_tpr(llc, is_in, 0.95),
+            "msp_auroc": auroc(msp, is_in), "msp_fpr95": fpr_at_tpr(msp, is_in, 0.95),
+            "flag_tpr": flag_tpr, "flag_fpr": flag_fpr}

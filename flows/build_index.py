@@ -130,7 +130,10 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
     read_keys = {i["key"] for p in partials for i in p["inputs"] + p["invalid"]}
     invalid = [i for i in (base or {}).get("invalid", []) if i["key"] not in read_keys and i["part"] not in dropped]
     reads = collections.Counter(k for p in partials for k in p.get("code_shards_read", []))
-    build = {**meta, "build_id": build_id, "version": version, "plan": {**pd, "n": merged["n"]},
+    resident = ix.index_memory_bytes(plan.index_type, merged["n"], plan.bytes_per_item, plan.nlist,
+                                     plan.hnsw_m or ix.HNSW_M)
+    build = {**meta, "build_id": build_id, "version": version,
+             "plan": {**pd, "n": merged["n"], "memory_bytes": resident},
              "n": merged["n"], "removed_rows": merged["removed"], "duplicate_ids": merged["duplicates"],
              "index_bytes": merged["index_bytes"], "ids_bytes": merged["ids_bytes"],
              "inputs": sorted(inputs + [i for p in partials for i in p["inputs"]], key=lambda i: i["part"]),

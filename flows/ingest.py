@@ -11,7 +11,7 @@ from flows.progress import gather, publish_summary, summarize
 from infra import datasets, layout
 from infra.planner import row_slices, select_shards
 from infra.settings import Settings
-from infra.shards import open_parquet, read_table, write_table
+from infra.shards import ShardInvalid, check_raw_types, open_parquet, read_table, write_table
 from infra.store import open_store
 from tasks.ingest import import_shard, ingest_shard, load_with_splits, source_fingerprint
 
@@ -59,12 +59,18 @@ def _plan_splits(cfg: Settings, dataset: str, src, refs) -> str | None:
     ids, labels = [], []
     for ref in refs:
         try:
-            names = set(open_parquet(src, ref.key).schema_arrow.names)
-            if "split" in names or "id" not in names:
+            schema = open_parquet(src, ref.key).schema_arrow
+            if "split" in schema.names or "id" not in schema.names:
                 continue
-            t = read_table(src, ref.key, columns=[c for c in ("id", "label") if c in names])
-        except Exception:  # unreadable shards are quarantined by their import task
+            cols = [c for c in ("id", "label") if c in schema.names]
+            check_raw_types(ref.key, schema, cols)
+            t = read_table(src, ref.key, columns=cols)
+            if any(t.column(c).null_count for c in cols):
+                continue
+        except ShardInvalid:  # a bad shard is quarantined by its import task
             continue
+        # a store failure propagates: planning splits without a shard would silently give every
+        # other shard different splits (and that shard 'database' for all its rows)
         ids.append(t.column("id").to_numpy())
         labels.append(t.column("label").to_numpy() if "label" in t.column_names else np.zeros(t.num_rows, np.int32))
     if not ids:

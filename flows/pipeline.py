@@ -25,7 +25,8 @@ DEFAULT_EVAL = ["lsh", "pca-rr", "itq", "pq", "opq", "drq", "float"]
 
 
 def index_name(dataset: str, coder_id: str, bits: int) -> str:
-    return f"{dataset}-{coder_id}-{bits}b"
+    """'<dataset>-<coder_id>-<bits>b'; the float index is '<dataset>-<coder_id>' (one length)."""
+    return f"{dataset}-{coder_id}" if coder_id.startswith("float-") else f"{dataset}-{coder_id}-{bits}b"
 
 
 @flow(name="pipeline", log_prints=True)

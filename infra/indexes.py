@@ -28,9 +28,9 @@ The index-choice rule (`choose_index`), in words:
     codebooks s_m C and LUT search (`rq-lut`; for -L2 it stores ||z_hat||^2 as a float32 per item,
     +4 bytes, computed once at add time); anything else (DRQ 'cos', GSL, future coders) -> our chunked
     scan with `coder.scores` (`coder-lut`). Measured on 69,000 x 64-bit codes, one query at a time,
-    2 shared cores: IndexPQ 0.85 ms vs coder.scores 1.85 ms (OPQ); IndexResidualQuantizer 2.5 ms
-    (ip) / 1.7 ms (l2, ST_norm_float) vs coder.scores 8.6 ms (ip, LUT) / 760 ms (l2: it reconstructs
-    every item per call); top-10 equal to the coder's up to ties.
+    one thread, shared machine: IndexPQ 0.85 ms vs OPQ coder.scores 1.85 ms; IndexResidualQuantizer
+    1.7 ms (l2, ST_norm_float) vs ~760 ms for DRQ coder.scores (it reconstructs every item per call:
+    built for query batches); top-10 equal to the coder's own up to ties in every case.
   * float features (the `float` coder): `IndexFlatL2` (exact) up to 1M items, else `IndexIVFFlat`
     (same nlist rule, nprobe nlist/16, at least 16) when it fits, else flat; `hnsw` (IndexHNSWFlat,
     M=32) only when asked for. IVF and HNSW cut search time, not memory: they hold every vector too.
@@ -45,6 +45,7 @@ import logging
 import math
 import re
 import resource
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -310,6 +311,18 @@ def prefix(coder: Any, codes: np.ndarray, bits: int) -> np.ndarray:
     return coder.prefix_codes(codes, bits)
 
 
+def as_full_length(coder: Any, codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes kept at `bits` -> full-length codes for `coder.scores` (whose contract takes stored,
+    full-length codes and cuts the prefix itself): zero bytes appended, which the prefix drops.
+    A view when already full; else one (n, full bytes) copy."""
+    full = coder.bytes_per_item()
+    if codes.shape[1] == full:
+        return codes
+    out = np.zeros((len(codes), full), dtype=np.uint8)
+    out[:, :codes.shape[1]] = codes
+    return out
+
+
 def prepare_queries(plan: IndexPlan, coder: Any, bits: int, queries: np.ndarray) -> np.ndarray:
     """Float query features (nq, D) -> queries in the index's space: packed codes (binary), the PQ's
     space (pq-lut), DRQ embeddings (rq-lut), or the features themselves. Cost: one coder encode."""
@@ -567,7 +580,8 @@ def _coder_lut_search(ci: CodeIndex, coder: Any, q: np.ndarray, k: int) -> tuple
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((nq, 0), dtype=np.int64)
     for start in range(0, n, chunk):
-        s = coder.scores(q, codes[start:start + chunk], ci.bits).astype(np.float32, copy=False)
+        s = coder.scores(q, as_full_length(coder, codes[start:start + chunk], ci.bits), ci.bits)
+        s = s.astype(np.float32, copy=False)
         kk = min(k, s.shape[1])
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else \
             np.tile(np.arange(s.shape[1]), (nq, 1))
@@ -596,37 +610,42 @@ def reference_scores(ci: CodeIndex, coder: Any, q: np.ndarray, positions: np.nda
     uniq, inv = np.unique(positions[ok], return_inverse=True)
     rows = np.nonzero(ok)[0]
     if t in (PQ_LUT, RQ_LUT, CODER_LUT):
-        s = coder.scores(q_features, ci.codes()[uniq], ci.bits)
+        s = coder.scores(q_features, as_full_length(coder, ci.codes()[uniq], ci.bits), ci.bits)
         out[ok] = s[rows, inv]
     elif t in (BINARY_FLAT, BINARY_IVF):
-        codes = _reconstruct_binary(ci, uniq)[inv]
+        codes = stored_codes_at(ci, uniq)[inv]
         out[ok] = -np.unpackbits(np.bitwise_xor(codes, q[rows]), axis=1).sum(axis=1)
     else:
-        vecs = _reconstruct_float(ci, uniq)[inv].astype(np.float64)
+        vecs = stored_vectors_at(ci, uniq)[inv].astype(np.float64)
         out[ok] = -((vecs - q[rows]) ** 2).sum(axis=1)
     return out
 
 
-def _reconstruct_binary(ci: CodeIndex, pos: np.ndarray) -> np.ndarray:
-    if ci.plan.index_type == BINARY_FLAT:
+def stored_codes_at(ci: CodeIndex, pos: np.ndarray) -> np.ndarray:
+    """(len(pos), B) uint8 codes stored at `pos` of a binary index (IVF: via a temporary direct map,
+    8 bytes per item while it exists)."""
+    if ci.plan.index_type in (BINARY_FLAT, CODER_LUT):
         return ci.codes()[pos]
-    idx = ci.index
-    idx.make_direct_map()
-    try:
-        return np.stack([idx.reconstruct(int(p)) for p in pos])
-    finally:
-        idx.set_direct_map_type(faiss.DirectMap.NoMap)
+    return _reconstruct_ivf(ci.index, pos)
 
 
-def _reconstruct_float(ci: CodeIndex, pos: np.ndarray) -> np.ndarray:
-    idx = ci.index
+def stored_vectors_at(ci: CodeIndex, pos: np.ndarray) -> np.ndarray:
+    """(len(pos), D) float32 vectors stored at `pos` of a float index (flat, IVF-Flat, HNSW)."""
     if ci.plan.index_type == IVF_FLAT:
+        return _reconstruct_ivf(ci.index, pos)
+    return np.stack([ci.index.reconstruct(int(p)) for p in pos])
+
+
+_DIRECT_MAP_LOCK = threading.Lock()
+
+
+def _reconstruct_ivf(idx: Any, pos: np.ndarray) -> np.ndarray:
+    with _DIRECT_MAP_LOCK:  # the direct map is index state: one builder at a time
         idx.make_direct_map()
         try:
             return np.stack([idx.reconstruct(int(p)) for p in pos])
         finally:
             idx.set_direct_map_type(faiss.DirectMap.NoMap)
-    return np.stack([idx.reconstruct(int(p)) for p in pos])
 
 
 # =============================================================================================
@@ -659,9 +678,9 @@ def evaluate(ci: CodeIndex, coder: Any, positions: np.ndarray, features: np.ndar
     kk = min(k, ci.ntotal)
     raw = None
     if t in (BINARY_FLAT, BINARY_IVF):
-        q = _reconstruct_binary(ci, positions)
+        q = stored_codes_at(ci, positions)
     elif t in (FLAT, IVF_FLAT, HNSW):
-        q = _reconstruct_float(ci, positions).astype(np.float32)
+        q = stored_vectors_at(ci, positions).astype(np.float32)
     else:
         if features is None:
             return {"queries": 0, "skipped": "no stored features for the sampled items"}
@@ -700,6 +719,7 @@ def _exact_kth(ci: CodeIndex, coder: Any, q: np.ndarray, raw: np.ndarray | None,
 
     codes = ci.codes()
     t = ci.plan.index_type
+    full = as_full_length(coder, codes, ci.bits) if t not in (BINARY_FLAT, FLAT) else codes
     out = np.empty(len(q), dtype=np.float32)
     step = max(1, CODER_LUT_CHUNK_BYTES // (4 * max(1, len(codes))))
     for i in range(0, len(q), step):
@@ -708,7 +728,7 @@ def _exact_kth(ci: CodeIndex, coder: Any, q: np.ndarray, raw: np.ndarray | None,
         elif t == FLAT:
             s = coder.scores(q[i:i + step], codes, ci.bits)
         else:
-            s = coder.scores(raw[i:i + step], codes, ci.bits)
+            s = coder.scores(raw[i:i + step], full, ci.bits)
         out[i:i + step] = -np.partition(-s, k - 1, axis=1)[:, k - 1]
     return out
 

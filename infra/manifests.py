@@ -66,28 +66,39 @@ def done_manifest(store: Store, key: str, input_checksum: str, code_version: str
 
 
 def quarantine_shard(store: Store, stage: str, key: str, reason: str, input_checksum: str,
-                     source: Store | None = None) -> str:
+                     source: Store | None = None, code_version: str | None = None) -> str:
     """Copy a bad shard to `_quarantine/<stage>/<key>` with its reason; returns the quarantine key.
-    The reason file is written last and names the input checksum, so a rerun can skip it.
-    `source` is the store holding `key` when it is not `store`."""
+    The reason file is written last and names the input checksum (and the code version that
+    refused it), so a rerun can skip it. `source` is the store holding `key` when it is not `store`."""
     qkey = layout.quarantine_key(stage, key)
     try:
         store.write_bytes(qkey, (source or store).read_bytes(key))
     except StoreError:
         pass  # unreadable source: the reason file still records it
     record = {"stage": stage, "key": key, "reason": reason, "input_checksum": input_checksum,
-              "quarantined_at": time.time()}
+              "code_version": code_version, "quarantined_at": time.time()}
     store.write_bytes(qkey + ".reason.json", json.dumps(record, sort_keys=True).encode())
     return qkey
 
 
-def quarantine_reason(store: Store, stage: str, key: str, input_checksum: str) -> str | None:
-    """The recorded reason if this exact input was quarantined before, else None."""
+def quarantine_reason(store: Store, stage: str, key: str, input_checksum: str,
+                      code_version: str | None = None) -> str | None:
+    """The recorded reason if this exact input was quarantined before by this code version (a
+    reason can lie in the model or coder: NaN weights, another dimension), else None."""
     try:
         record = json.loads(store.read_bytes(layout.quarantine_key(stage, key) + ".reason.json"))
-    except (StoreError, ValueError):
+    except StoreError as e:
+        if str(e).startswith("no object"):
+            return None
+        raise  # the store failed: not a reason to redo (or to skip) the shard
+    except ValueError:
         return None
-    return record["reason"] if record.get("input_checksum") == input_checksum else None
+    if record.get("input_checksum") != input_checksum:
+        return None
+    recorded = record.get("code_version")
+    if code_version is not None and recorded is not None and recorded != code_version:
+        return None
+    return record["reason"]
 
 
 def list_quarantine(store: Store, stage: str | None = None) -> list[dict[str, Any]]:

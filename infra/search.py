@@ -134,8 +134,8 @@ class Searcher:
         if lv.ci.plan.kind == "adc":
             raise SearchError(f"no stored feature for id {item_id} (model {lv.build.get('model_id')}); "
                               f"ADC indexes need it to build the query's lookup table")
-        q = ix._reconstruct_binary(lv.ci, np.array([pos])) if lv.ci.plan.kind == "binary" else \
-            ix._reconstruct_float(lv.ci, np.array([pos])).astype(np.float32)
+        q = ix.stored_codes_at(lv.ci, np.array([pos])) if lv.ci.plan.kind == "binary" else \
+            ix.stored_vectors_at(lv.ci, np.array([pos])).astype(np.float32)
         return self._result(lv, q, k, with_metadata)
 
     def _result(self, lv: LoadedVersion, q: np.ndarray, k: int, with_metadata: bool) -> SearchResult:

@@ -8,8 +8,9 @@ and on the local store an fcntl lock + ETag compare + rename.
 
 Data goes through boto3 for whole objects and pyarrow's filesystem for streaming Parquet reads;
 retries come from botocore's "standard" mode and pyarrow's AwsStandardS3RetryStrategy, never a
-hand-rolled loop (one exception: a GET body cut after botocore returned, which botocore cannot
-retry; see S3Store.read_with_etag). Credentials come from the standard AWS chain, never logged.
+hand-rolled loop, except where botocore cannot retry: a response body cut after its retry loop
+ended (S3Store._call, S3Store.read_with_etag), asked again within the same `s3_retries` budget.
+Credentials come from the standard AWS chain and are never logged.
 """
 from __future__ import annotations
 
@@ -281,9 +282,20 @@ class S3Store(Store):
 
     def _call(self, what: str, key: str, fn, **kw):
         from botocore.exceptions import BotoCoreError, ClientError
+        from urllib3.exceptions import HTTPError
 
         try:
-            return fn(Bucket=self.bucket, **kw)
+            for attempt in range(1, max(1, self.settings.s3_retries) + 1):
+                try:
+                    return fn(Bucket=self.bucket, **kw)
+                except HTTPError as e:
+                    # botocore reads a non-streamed body (an error document, a listing) after its
+                    # retry checks (endpoint.convert_to_response_dict), so a body cut there escapes
+                    # as a raw urllib3 error. Such a body is never a completed write's answer (those
+                    # are empty): ask again, within the same budget.
+                    if attempt >= self.settings.s3_retries:
+                        raise StoreError(f"{what} {self.uri_of(key)} failed: response cut after {attempt} "
+                                         f"attempts: {_clean(e)}") from None
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -23,8 +23,9 @@ ENCODE_VERSION = "encode-1"
 
 
 def coder_id_for(method: str, bits: int, model_id: str) -> str:
-    """Stable coder id: '<method>-<bits>-<model_id>' (DRQ: bits = its longest code)."""
-    return f"{method}-{bits}-{model_id}"
+    """Stable coder id: '<method>-<bits>-<model_id>' (DRQ: bits = its longest code; the float
+    'coder' has one length, 32 x D, so its id is 'float-<model_id>')."""
+    return f"float-{model_id}" if method == "float" else f"{method}-{bits}-{model_id}"
 
 
 def features_fingerprint(store: Store, dataset: str, model_id: str) -> str:

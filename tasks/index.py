@@ -57,7 +57,25 @@ def read_code_shard(store: Store, ref: ShardRef, nbytes: int) -> tuple[np.ndarra
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise ShardInvalid(ref.key, f"not a readable codes shard ({type(e).__name__}: {e})") from None
     validate_codes(ref.key, table, nbytes)
-    return table.column("id").to_numpy().astype(np.int64), codes_matrix(table), etag
+    ids, codes = table.column("id").to_numpy().astype(np.int64), codes_matrix(table)
+    keep = gallery_mask(store, ref, ids)
+    return (ids, codes, etag) if keep is None else (ids[keep], codes[keep], etag)
+
+
+def gallery_mask(store: Store, ref: ShardRef, ids: np.ndarray) -> np.ndarray | None:
+    """Rows that belong in an index: not the held-out evaluation queries (raw split == 'query',
+    METHODS.md). Reads only the id and split columns of the raw shard with the same part number;
+    None (keep all) when there is no such shard or no split column."""
+    dataset = ref.key.split("/")[1]
+    try:
+        pf = open_parquet(store, layout.raw_key(dataset, ref.part))
+        if "split" not in pf.schema_arrow.names:
+            return None
+        meta = pf.read(columns=["id", "split"])
+    except (ShardInvalid, StoreError):
+        return None
+    query_ids = meta.column("id").to_numpy()[np.asarray(meta.column("split").to_pylist()) == "query"]
+    return ~np.isin(ids, query_ids) if len(query_ids) else None
 
 
 @task(name="count_rows", retries=3, retry_delay_seconds=exponential_backoff(1),

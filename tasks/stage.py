@@ -72,7 +72,7 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
             carried = {k: v for k, v in m.stats.items() if k != "pid"}
             return ShardOutcome(stage, ref.part, "skipped", m.rows, store.uri_of(m.output_key),
                                 stats=carried)
-        reason = quarantine_reason(store, stage, ref.key, checksum)
+        reason = quarantine_reason(store, stage, ref.key, checksum, code_version)
         if reason is not None:
             log.warning("%s %s: still quarantined: %s", stage, ref.key, reason)
             return ShardOutcome(stage, ref.part, "quarantined", reason=reason)
@@ -80,7 +80,8 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
     try:
         table, stats = work()
     except ShardInvalid as e:
-        qkey = quarantine_shard(store, stage, ref.key, e.reason, checksum, source=input_store)
+        qkey = quarantine_shard(store, stage, ref.key, e.reason, checksum, source=input_store,
+                                code_version=code_version)
         log.error("%s %s: QUARANTINED (%s) -> %s", stage, ref.key, e.reason, store.uri_of(qkey))
         return ShardOutcome(stage, ref.part, "quarantined", reason=e.reason)
     try:
@@ -142,7 +143,8 @@ def quarantine_duplicate_ids(store: Store, *, stage: str, dataset: str, output_i
         reason = (f"id {first}{more} also in part {earlier} ({earlier_key}): ids must be unique across "
                   f"a dataset's shards, the later part is set aside")
         if m is not None:  # record first, then unpublish: manifest (the commit point), then output
-            qkey = quarantine_shard(store, stage, m.input_key, reason, m.input_checksum)
+            qkey = quarantine_shard(store, stage, m.input_key, reason, m.input_checksum,
+                                    code_version=m.code_version)
             log.error("%s %s: QUARANTINED (%s) -> %s", stage, m.input_key, reason, store.uri_of(qkey))
         store.delete(mkey)
         store.delete(output_key(part))

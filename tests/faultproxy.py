@@ -12,7 +12,8 @@ through it. Per request it either forwards faithfully or injects one fault:
 - `delay`: waits `delay_s` before forwarding (slow server, not a failure).
 
 The decision for a request is a pure function of (seed, method, path, how many times this method
-and path were seen before), so a run injects the same faults whatever the thread interleaving.
+and path were seen before), so a run injects the same faults whatever the thread interleaving
+(`path_key` maps the path first, e.g. to drop a per-test random prefix).
 `match(method, path)` restricts faults to some requests (for example one shard's key).
 
 HTTP handled: keep-alive on both sides, Content-Length and chunked bodies (forwarded verbatim),
@@ -80,6 +81,7 @@ class FaultProxy:
     seed: int = 0
     kinds: tuple[str, ...] = KINDS
     match: Callable[[str, str], bool] | None = None
+    path_key: Callable[[str], str] | None = None  # what a decision hashes (e.g. drop a random prefix)
     delay_s: float = 0.2
     max_connections: int = 32
     max_body: int = 256 << 20
@@ -158,9 +160,10 @@ class FaultProxy:
             rate, kinds, match = self.rate, self.kinds, self.match
             if rate <= 0 or (match is not None and not match(method, path)):
                 return None
-            n = self._seen[(method, path)]
-            self._seen[(method, path)] += 1
-        r = random.Random(f"{self.seed}:{method}:{path}:{n}")
+            key = self.path_key(path) if self.path_key else path
+            n = self._seen[(method, key)]
+            self._seen[(method, key)] += 1
+        r = random.Random(f"{self.seed}:{method}:{key}:{n}")
         if r.random() >= rate:
             return None
         kind = kinds[r.randrange(len(kinds))]
@@ -231,20 +234,20 @@ class FaultProxy:
                 if fault == "delay":
                     time.sleep(self.delay_s)
                 resp = None
-                for attempt in (0, 1):  # a kept-alive server socket may have been closed: reopen once
-                    if upstream is None:
+                while resp is None:  # a kept-alive server socket may have been closed: reopen once
+                    fresh = upstream is None
+                    if fresh:
                         upstream = socket.create_connection(self._up, timeout=self.timeout_s)
                         self._track(upstream, True)
                         up_reader = upstream.makefile("rb")
                     try:
                         upstream.sendall(req.head_bytes(drop=("expect",)) + req.body)
                         resp = _read_response(up_reader, method, self.max_body)
-                        break
                     except (OSError, ProxyProtocolError):
                         self._track(upstream, False)
                         _hard_close(upstream)
                         upstream, up_reader = None, None
-                        if attempt:
+                        if fresh:
                             raise
                 with self._lock:
                     self.forwarded += 1

@@ -290,6 +290,10 @@ def fit_coder(method: str, bits: int, train, labels, n_train: int | None = None)
         idx = np.random.default_rng(0).choice(len(train), n_train, replace=False)
         train = train[idx]
         labels = labels[idx] if labels is not None else None
-    coder = make_coder(method, bits=bits, **QUICK_FIT.get(method, {}))
-    coder.fit(train, labels if labels is not None else np.zeros(len(train), np.int64))
+    try:
+        coder = make_coder(method, bits=bits, **QUICK_FIT.get(method, {}))
+        coder.fit(train, labels if labels is not None else np.zeros(len(train), np.int64))
+    except ValueError as e:  # e.g. itq/pca-rr with bits > D
+        print(f"{method}: not applicable here ({e})")
+        return None
     return coder

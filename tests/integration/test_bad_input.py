@@ -98,6 +98,30 @@ def test_extract_bad_raw_matrix(prefect_server, s3_settings):
     assert {q["part"]: q["reason"] for q in s2["quarantined"]} == reasons
 
 
+def test_nan_model_quarantines_until_the_model_is_fixed(prefect_server, s3_settings):
+    """A model whose weights hold a NaN yields NaN features: the shards are quarantined naming the
+    cause; re-registering the model (new checksum) lets the same shards through, no --force."""
+    import torch
+
+    from encoders.backbones import build_backbone
+    from infra.registry import register_model
+
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    ingest("digits", shard_rows=900, settings=cfg)  # 2 shards
+    torch.manual_seed(0)
+    sd = build_backbone("small-cnn", embed_dim=32).module.state_dict()
+    broken = {k: v.clone() for k, v in sd.items()}
+    broken["embed.weight"][0, 0] = float("nan")
+    card = {"input_hw": [28, 28], "feature_dim": 32}
+    register_model(store, "nan-cnn", "small-cnn", {"embed_dim": 32}, broken, card)
+    s = extract_features("digits", "nan-cnn", settings=cfg)
+    assert s["done"] == 0 and [q["reason"] for q in s["quarantined"]] == ["model produced NaN/Inf features"] * 2
+    register_model(store, "nan-cnn", "small-cnn", {"embed_dim": 32}, sd, card)
+    s2 = extract_features("digits", "nan-cnn", settings=cfg)
+    assert (s2["done"], s2["quarantined"], s2["rows"]) == (2, [], DIGITS)
+
+
 def test_encode_bad_features_matrix(prefect_server, s3_settings):
     """Features shards of the wrong dimension, with NaN/Inf, truncated, empty, with duplicate ids
     or the wrong schema are quarantined by the encode stage; the good shards are encoded."""

@@ -161,21 +161,26 @@ def test_bad_bits_raise(coder, data):
         DRQConfig(codebook_size=100)
 
 
-def test_fit_reports_val_map_per_length_and_beats_chance(coder):
-    c = coder
-    assert c.net is not None
-    assert torch.get_num_threads() >= 1
-    x, y = synthetic(600, seed=3)
-    rep = make_coder("drq", codebook_size=c.config.codebook_size, levels=c.config.levels, **TINY).fit(
-        x[:400], y[:400], (x[400:], y[400:]))
-    assert {f"map@{b}" for b in c.lengths} <= set(rep.val_metrics)
-    assert min(rep.val_metrics[f"map@{b}"] for b in c.lengths) > 0.5  # chance is 0.2 for 5 classes
+def test_fit_reports_val_map_per_length_and_beats_chance(coder, data):
+    rep = make_coder("drq", codebook_size=coder.config.codebook_size, levels=coder.config.levels,
+                     **TINY).fit(data[0][:600], data[1][:600], (data[0][600:], data[1][600:]))
+    assert rep.fit_s > 0
+    assert {f"map@{b}" for b in coder.lengths} <= set(rep.val_metrics)
+    assert min(rep.val_metrics[f"map@{b}"] for b in coder.lengths) > 0.5  # chance is 0.2 for 5 classes
 
 
-def test_fit_restores_thread_counts(data):
+def test_bits_builds_a_single_length_model():
+    """`bits=L` is the per-length reference: the same recipe with L / log2(K) levels."""
+    assert DRQCoder(bits=16).config.levels == 2 and DRQCoder(bits=16).lengths == (8, 16)
+    assert DRQCoder(bits=12, codebook_size=16).lengths == (4, 8, 12)
+
+
+def test_fit_leaves_threads_and_global_rng_alone(data):
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    rng_state = torch.random.get_rng_state()
     make_coder("drq", levels=1, **TINY).fit(data[0][:300], data[1][:300])
     assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
 
 
 @settings(max_examples=30, deadline=None)

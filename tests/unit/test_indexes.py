@@ -27,8 +27,8 @@ def data():
 
 DRQ_FAST = dict(dim=16, hidden=0, epochs_embed=2, epochs_level0=1, epochs_all=1)
 CODERS = {  # name: (method, config)
-    "itq": ("itq", dict(bits=32)), "lsh": ("lsh", dict(bits=64)), "pq": ("pq", dict(bits=32)),
-    "opq": ("opq", dict(bits=32)), "float": ("float", {}),
+    "itq": ("itq", dict(bits=32, iters=10)), "lsh": ("lsh", dict(bits=64)), "pq": ("pq", dict(bits=32, niter=10)),
+    "opq": ("opq", dict(bits=32, opq_iters=4, niter=10)), "float": ("float", {}),
     "drq": ("drq", dict(levels=4, score="l2", **DRQ_FAST)),
     "drq-ip": ("drq", dict(levels=4, score="ip", **DRQ_FAST)),
     "drq-cos": ("drq", dict(levels=4, score="cos", **DRQ_FAST)),
@@ -292,3 +292,22 @@ def test_versions_are_claimed_once_and_current_moves_only_from_what_was_read(tmp
     np.testing.assert_array_equal(loaded.codes(), codes)
     assert ix.discard_version(store, "idx", 2) == 1  # only its claim was written
     assert not store.list("indexes/idx/v000002/")
+
+
+def test_indexes_hold_the_gallery_not_the_held_out_queries(local_settings):
+    """Rows whose raw split is 'query' are evaluation queries (METHODS.md): never indexed."""
+    import pyarrow as pa
+
+    from infra import layout
+    from infra.planner import ShardRef
+    from infra.shards import codes_table, write_table
+    from infra.store import open_store
+    from tasks.index import read_code_shard
+
+    store = open_store(local_settings)
+    ids = np.arange(10, dtype=np.int64)
+    split = ["query" if i % 4 == 0 else "database" for i in ids]
+    write_table(store, layout.raw_key("d", 3), pa.table({"id": ids, "text": ["t"] * 10, "split": split}))
+    etag = write_table(store, layout.codes_key("d", "c", 3), codes_table(ids, np.zeros((10, 2), np.uint8)))
+    got, codes, _ = read_code_shard(store, ShardRef(layout.codes_key("d", "c", 3), 3, etag, 0), 2)
+    assert got.tolist() == [1, 2, 3, 5, 6, 7, 9] and len(codes) == 7

@@ -1,0 +1,175 @@
+"""encoders/evaluation.py: the OOD report of an LLC coder, and "nothing ever selects on query"."""
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.coders import CODERS, Coder, FitReport, register
+from encoders.evaluation import VARIANTS, Split, evaluate_variant, ood_report
+from encoders.llc import LLCCoder, LLCConfig, pack_signs
+from encoders.metrics import hamming_scores
+from encoders.ood import auroc, fpr_at_tpr
+
+
+# --------------------------------------------------------------------------------------------
+# ood_report
+# --------------------------------------------------------------------------------------------
+class FakeLLC:
+    """Duck-typed fitted LLC: row i of x holds i in column 0; distances and MSP are looked up."""
+
+    def __init__(self, dist: list[int], msp: list[float], radius: int) -> None:
+        self.dist, self.msp, self.radius, self.d_min = np.array(dist), np.array(msp), radius, 2 * radius + 1
+        self.config = LLCConfig(bits=6)
+
+    def class_distances(self, x: np.ndarray) -> np.ndarray:
+        d = self.dist[x[:, 0].astype(int)]
+        return np.stack([d + 3, d, d + 1], 1)  # nearest class code is column 1
+
+    def ood_flag(self, x: np.ndarray) -> np.ndarray:
+        return self.class_distances(x).min(1) > self.radius
+
+    def msp_score(self, x: np.ndarray) -> np.ndarray:
+        return self.msp[x[:, 0].astype(int)]
+
+
+def rows(idx) -> np.ndarray:
+    return np.array(idx, dtype=np.float32)[:, None]
+
+
+def test_ood_report_hand_computed_values():
+    # in: nearest distances 0,0,0,1; out: 0,2,3; radius 0 (exact-match flag)
+    coder = FakeLLC(dist=[0, 0, 0, 1, 0, 2, 3], msp=[0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.1], radius=0)
+    r = ood_report(coder, rows([0, 1, 2, 3]), rows([4, 5, 6]))
+    # AUROC of -distance: 3 in-rows at 0 each tie one out-row (1/2) and beat two; the in-row at 1
+    # beats two -> (3 * 2.5 + 2) / 12
+    assert r["llc_auroc"] == pytest.approx(9.5 / 12)
+    assert r["msp_auroc"] == pytest.approx(8 / 12)  # every in-row loses only to 0.95
+    # 95% TPR needs the last tied block; one out-row (the one at distance 0) is accepted by then
+    assert r["llc_fpr95"] == pytest.approx(1 / 3)
+    assert r["msp_fpr95"] == pytest.approx(1 / 3)
+    # the flag accepts distance 0 only: 3 of 4 in-rows, 1 of 3 out-rows
+    assert r["flag_tpr"] == pytest.approx(0.75) and r["flag_fpr"] == pytest.approx(1 / 3)
+    assert (r["n_in"], r["n_out"], r["bits"], r["radius"], r["d_min"]) == (4, 3, 6, 0, 1)
+
+
+def test_ood_report_uses_encoders_ood_with_in_distribution_positive():
+    rng = np.random.default_rng(0)
+    dist = rng.integers(0, 4, 60).tolist()
+    msp = rng.random(60).tolist()
+    coder = FakeLLC(dist, msp, radius=1)
+    x_in, x_out = rows(range(40)), rows(range(40, 60))
+    r = ood_report(coder, x_in, x_out)
+    lab = np.r_[np.ones(40, bool), np.zeros(20, bool)]
+    s = -np.array(dist, dtype=float)
+    assert r["llc_auroc"] == pytest.approx(auroc(s, lab))
+    assert r["llc_fpr95"] == pytest.approx(fpr_at_tpr(s, lab, 0.95))
+    assert r["msp_auroc"] == pytest.approx(auroc(np.array(msp), lab))
+    # swapping the roles of the two sets mirrors the AUROC
+    assert ood_report(coder, x_out, x_in)["llc_auroc"] == pytest.approx(1 - r["llc_auroc"])
+
+
+def test_ood_report_refuses_an_empty_side():
+    coder = FakeLLC([0, 1], [0.5, 0.5], radius=0)
+    with pytest.raises(ValueError, match="in- and out-of-distribution"):
+        ood_report(coder, rows([0, 1]), np.zeros((0, 1), np.float32))
+
+
+def blobs(centers: np.ndarray, n_per: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(centers)), n_per)
+    return (centers[y] + rng.normal(size=(len(y), centers.shape[1]))).astype(np.float32), y.astype(np.int64)
+
+
+def test_ood_report_on_a_real_llc_coder():
+    centers = np.random.default_rng(123).normal(scale=4.0, size=(6, 10))
+    x, y = blobs(centers[:4], 100, 0)  # classes 0-3 in distribution
+    vx, vy = blobs(centers[:4], 30, 1)
+    x_in, _ = blobs(centers[:4], 50, 2)
+    x_out, _ = blobs(centers[4:], 50, 3)  # two classes never seen
+    torch.set_num_threads(1)
+    coder = LLCCoder(LLCConfig(bits=6, hidden=16, epochs_class=15, epochs_instance=10, batch_size=64,
+                               lr=1e-2, patience=20))
+    coder.fit(x, y, (vx, vy))
+    r = ood_report(coder, x_in, x_out)
+    for k in ("llc_auroc", "llc_fpr95", "msp_auroc", "msp_fpr95", "flag_tpr", "flag_fpr"):
+        assert 0.0 <= r[k] <= 1.0, k
+    assert r["radius"] == coder.radius and r["d_min"] == coder.d_min
+    assert r["flag_tpr"] == pytest.approx((coder.class_distances(x_in).min(1) <= coder.radius).mean())
+    assert r["flag_fpr"] == pytest.approx(1 - coder.ood_flag(x_out).mean())
+    assert r["flag_tpr"] > 0.9  # well-separated blobs: in-distribution codes decode
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate_variant: fit sees train (+ val for selection), never query
+# --------------------------------------------------------------------------------------------
+FIT_CALLS: list[dict[str, Any]] = []
+
+
+class SpyCoder(Coder):
+    """Sign of the first `bits` features, Hamming search; records every argument `fit` receives."""
+
+    symmetric = True
+
+    def __init__(self, bits: int = 8, seed: int = 0) -> None:
+        self.bits = bits
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return (self.bits,)
+
+    def fit(self, train, labels, val=None) -> FitReport:
+        FIT_CALLS.append({"train": train, "labels": labels, "val": val})
+        return FitReport(fit_s=0.0)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return pack_signs(x[:, : self.bits])
+
+    def scores(self, queries, codes, bits=None) -> np.ndarray:
+        return hamming_scores(self.encode(queries), codes)
+
+    def state(self) -> dict[str, Any]:
+        return {"method": self.method, "bits": self.bits}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "SpyCoder":
+        return cls(state["bits"])
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    register("spy-fit")(SpyCoder)
+    monkeypatch.setitem(VARIANTS, "spy-per-length", ("spy-fit", {}, True))
+    monkeypatch.setitem(VARIANTS, "spy-one-model", ("spy-fit", {}, False))
+    FIT_CALLS.clear()
+    yield FIT_CALLS
+    CODERS.pop("spy-fit", None)
+    FIT_CALLS.clear()
+
+
+def make_splits(d: int = 16) -> dict[str, Split]:
+    rng = np.random.default_rng(0)
+
+    def split(n: int, offset: float) -> Split:  # offsets make every split's rows distinct values
+        return Split((rng.normal(size=(n, d)) + offset).astype(np.float32), rng.integers(0, 3, n))
+
+    s = {"train": split(60, 0.0), "val": split(20, 100.0), "query": split(10, 1000.0)}
+    s["database"] = split(40, -100.0)
+    return s
+
+
+@pytest.mark.parametrize("variant, n_fits", [("spy-per-length", 2), ("spy-one-model", 1)])
+def test_evaluate_variant_never_fits_on_query(spy, variant, n_fits):
+    s = make_splits()
+    rows = evaluate_variant(variant, [8, 16] if n_fits == 2 else [8], s["train"], s["val"], s["query"],
+                            s["database"])
+    assert len(spy) == n_fits and len(rows) == n_fits
+    q = s["query"].x
+    for call in spy:
+        assert call["train"] is s["train"].x and call["labels"] is s["train"].labels
+        assert call["val"][0] is s["val"].x and call["val"][1] is s["val"].labels
+        for arr in (call["train"], call["val"][0]):
+            assert not np.shares_memory(arr, q)
+            # no query row anywhere in what fit saw (query rows are ~1000, the rest <= ~104)
+            assert not np.isin(q.view(np.uint32), arr.view(np.uint32)).any()
+    assert all(r.method == variant for r in rows)
