@@ -21,7 +21,8 @@ Prefect's ephemeral-server start-up is measured once, separately (a no-op flow r
 --profile: afterwards, the flow vs its task bodies run in plain threads (no Prefect) vs bare, then
 cProfile of one `extract_shard` call (its `.fn`, no Prefect engine) split into
 Parquet read / PNG decode / preprocess / forward / write / manifest, plus a
-forward-only torch-threads comparison (1 thread vs all cores) on one shard's pixels.
+forward-only comparison on one shard's pixels: torch threads 1 vs all cores, and NCHW (as the task
+runs it) vs channels_last (a proposed change).
 
 Besides img/s (wall), CPU ms per image (this process + the Prefect server child) is reported: on a
 shared machine it moves far less with other people's load than wall time does.
@@ -308,22 +309,32 @@ def profile_one_shard(c: dict, ref, pixels, backbone, bs: int, args) -> None:
                         [[f"{os.path.basename(f)}:{line} {name}", nc, tt, ct]
                          for (f, line, name), (_cc, nc, tt, ct, _) in rows])
 
-    # torch threads: forward only, same pixels, interleaved.
-    def fwd(threads: int):
+    # torch threads and memory format: forward only, same pixels, interleaved.
+    import copy
+
+    nhwc = copy.deepcopy(backbone.module).to(memory_format=torch.channels_last)
+
+    def fwd(threads: int, channels_last: bool = False):
+        module = nhwc if channels_last else backbone.module
+
         def run():
             torch.set_num_threads(threads)
             with torch.inference_mode():
                 for i in range(0, len(pixels), bs):
-                    backbone.module(backbone.preprocess(pixels[i:i + bs]).to(args.device))
+                    x = backbone.preprocess(pixels[i:i + bs]).to(args.device)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    module(x)
         return run
 
     ncpu = os.cpu_count() or 1
-    sides = {f"{k} thread(s)": fwd(k) for k in sorted({1, ncpu})}
+    sides = {f"{k} thread(s), NCHW (as now)": fwd(k) for k in sorted({1, ncpu})}
+    sides["1 thread(s), channels_last (proposal)"] = fwd(1, channels_last=True)
     load = harness.load_avg()
     t = harness.interleave(sides, max(args.reps, 3))
     print()
     print(f"### forward only, one process, {len(pixels)} images, batch {bs} (load {load})")
-    harness.print_table(["torch threads", "img/s", "wall s range"],
+    harness.print_table(["torch threads, memory format", "img/s", "wall s range"],
                         [[k, len(pixels) / harness.median(v), harness.spread(v)] for k, v in t.items()])
 
 

@@ -21,7 +21,7 @@ from infra.reports import to_markdown
 TEXT_DATASETS = {"wordnet": "minilm"}
 # Coders the pipeline trains and indexes: {method: longest bits}. DRQ gives every length <= 64.
 DEFAULT_CODERS = {"drq": 64, "itq": 64, "pq": 64, "float": 0}
-DEFAULT_EVAL = ["lsh", "pca-rr", "itq", "pq", "opq", "drq", "float"]
+DEFAULT_EVAL = ["lsh", "pca-rr", "itq", "pq", "opq", "drq", "drq-per-length", "llc", "float"]
 
 
 def index_name(dataset: str, coder_id: str, bits: int) -> str:
