@@ -1,7 +1,7 @@
 """prefect.yaml is the one list of deployments; `serve` and `deploy` both build from it."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     return yaml.safe_load(path.read_text())["deployments"]
 
 
-def load_flow(entrypoint: str, root: Path = REPO_ROOT):
-    """'flows/x.py:fn' -> the flow object (imported from the repository)."""
+def load_flow(entrypoint: str):
+    """'flows/x.py:fn' -> the flow object (imported as a module of this repository)."""
     file, name = entrypoint.split(":")
     module = ".".join(Path(file).with_suffix("").parts)
     return getattr(importlib.import_module(module), name)

@@ -8,7 +8,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 
 from flows.progress import gather, publish_summary, summarize
-from infra import datasets, layout
+from infra import datasets
 from infra.planner import row_slices, select_shards
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, open_parquet, read_table, write_table
