@@ -32,7 +32,9 @@ Target (the issue): flow >= 0.8x bare images/s.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -114,6 +116,7 @@ def main() -> int:
     ncpu = os.cpu_count() or 1
     bare_threads = sorted({int(t) or ncpu for t in args.bare_threads.split(",")})
     tmp = tempfile.mkdtemp(prefix="codeshard-bench-extract-")
+    atexit.register(shutil.rmtree, tmp, True)  # the store is scratch: ~50 MB of shards per run
     base = {"store": f"file://{tmp}/store", "shard_rows": args.shard_rows, "device": args.device}
 
     def cfg(bs: int, mw: int) -> dict:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from encoders.coders import Coder, FitReport, register
-from encoders.metrics import hamming_scores
+from encoders.metrics import hamming_scores, hamming_topk
 
 LOG = logging.getLogger(__name__)
 
@@ -303,6 +303,13 @@ class _SignCoder(Coder):
         b = bits or self.full_bits
         c = self.prefix_codes(_check_codes(codes, self.bytes_per_item(), f"{self.method}.scores"), b)
         return hamming_scores(self.encode(queries), c)
+
+    def search(self, queries: np.ndarray, codes: np.ndarray, k: int,
+               bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by Hamming distance through faiss's heap kernel (no full score matrix)."""
+        b = bits or self.full_bits
+        c = self.prefix_codes(_check_codes(codes, self.bytes_per_item(), f"{self.method}.search"), b)
+        return hamming_topk(self.prefix_codes(self.encode(queries), b), c, k)
 
     def state(self) -> dict[str, Any]:
         return {"method": self.method, "config": dataclasses.asdict(self.config),

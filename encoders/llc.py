@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.coders import Coder, FitReport, register
-from encoders.metrics import hamming_scores
+from encoders.metrics import hamming_scores, hamming_topk
 
 LOG = logging.getLogger(__name__)
 
@@ -320,6 +320,13 @@ class LLCCoder(Coder):
         if bits not in (None, self.config.bits):
             raise ValueError(f"llc: only {self.config.bits}-bit codes, got bits={bits}")
         return hamming_scores(self.encode(queries), codes)
+
+    def search(self, queries: np.ndarray, codes: np.ndarray, k: int,
+               bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by Hamming distance through faiss's heap kernel (no full score matrix)."""
+        if bits not in (None, self.config.bits):
+            raise ValueError(f"llc: only {self.config.bits}-bit codes, got bits={bits}")
+        return hamming_topk(self.encode(queries), codes, k)
 
     def state(self) -> dict[str, Any]:
         self._require_fitted()

@@ -197,6 +197,16 @@ def cmd_backfill(args) -> int:
     return 0
 
 
+def cmd_update_model(args) -> int:
+    from flows.update_model import update_model
+
+    out = run_flow(update_model, args, dataset=args.dataset, old_model_id=args.old, arch=args.arch,
+                   method=args.method, new_model_id=args.new_model_id, epochs=args.epochs,
+                   bits=_csv_list(args.bits, int))
+    _print({k: out[k] for k in ("model_id", "gate_passed", "gate_reason", "compat", "compat_codes")})
+    return 0 if out["gate_passed"] else 3
+
+
 def cmd_serve(args) -> int:
     from flows.deployments import serve_all
 
@@ -367,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", help="an image file (embedded with the coder's model)")
     q.add_argument("--text", help="a text (embedded with the coder's model)")
     sp.add_argument("-k", type=int, default=10)
+
+    sp = add("update-model", cmd_update_model, "train a compatible new encoder; ship it only if the gate passes "
+             "(exit 3 when refused)")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--old", required=True, help="model id that produced the stored gallery features")
+    sp.add_argument("--arch", default="wide-cnn", choices=["small-cnn", "wide-cnn"])
+    sp.add_argument("--method", default="dual-tuning", choices=["dual-tuning", "bct", "independent"])
+    sp.add_argument("--new-model-id")
+    sp.add_argument("--epochs", type=int, default=6)
+    sp.add_argument("--bits", help="DRQ code lengths for the code-level matrix (default 16,32,64)")
 
     add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL)")
     sp = add("deploy", cmd_deploy, "register prefect.yaml's deployments with a work pool")

@@ -223,6 +223,10 @@ def test_flow_runs_keep_no_secret(prefect_server, seaweed, s3_settings):
     level = root.level
     root.addHandler(capture)
     root.setLevel(logging.DEBUG)  # botocore's DEBUG logs show request headers: the place a key would leak
+    # the CLI quiets these loggers (other tests call it in-process): open them up for this test
+    quiet = {n: logging.getLogger(n).level for n in ("botocore", "urllib3", "httpx", "httpcore")}
+    for n in quiet:
+        logging.getLogger(n).setLevel(logging.DEBUG)
     try:
         states = [ingest("digits", shard_rows=900, settings=cfg, return_state=True)]
         register_untrained_cnn(store)
@@ -231,6 +235,8 @@ def test_flow_runs_keep_no_secret(prefect_server, seaweed, s3_settings):
     finally:
         root.removeHandler(capture)
         root.setLevel(level)
+        for n, lv in quiet.items():
+            logging.getLogger(n).setLevel(lv)
     assert states[1].result()["quarantined"] and states[1].result()["done"] == 2
     run_ids = [s.state_details.flow_run_id for s in states]
 

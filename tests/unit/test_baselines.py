@@ -325,3 +325,18 @@ def test_errors_are_explicit(data):
         lsh.scores(xt[:3], np.zeros((5, 3), np.uint8))
     with pytest.raises(ValueError, match="not in this coder's lengths"):
         lsh.scores(xt[:3], lsh.encode(xt[:5]), bits=8)
+
+
+def test_binary_search_matches_full_scores_up_to_ties():
+    """search() (faiss heap top-k) returns the same distances as ranking hamming_scores()."""
+    from encoders.coders import make_coder
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 32)).astype(np.float32)
+    c = make_coder("itq", bits=16, seed=0)
+    c.fit(x[:1000], np.zeros(1000, int))
+    codes = c.encode(x)
+    s, idx = c.search(x[:20], codes, 10)
+    full = c.scores(x[:20], codes)
+    np.testing.assert_array_equal(s, -np.sort(-full, axis=1)[:, :10])
+    np.testing.assert_array_equal(np.take_along_axis(full, idx, 1), s)
