@@ -58,7 +58,6 @@ def main() -> int:
     args = parse_args()
     harness.require_device(args.device)
     import faiss
-    import numpy as np
 
     from encoders.metrics import hamming_scores
 

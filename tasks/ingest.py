@@ -12,6 +12,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from infra import datasets, layout
+from infra.manifests import Manifest, done_manifest, write_manifest
 from infra.planner import ShardRef
 from infra.settings import Settings
 from infra.shards import RAW_FIELDS, read_table, validate_raw, write_table
@@ -72,8 +73,6 @@ def ingest_shard(settings: Settings, dataset: str, part: int, start: int, stop: 
     key = layout.raw_key(dataset, part)
     mkey = layout.manifest_key("ingest", dataset, "-", part)
     input_checksum = f"{fingerprint}:{start}:{stop}"
-    from infra.manifests import Manifest, done_manifest, write_manifest
-
     if not force and done_manifest(store, mkey, input_checksum, INGEST_VERSION):
         logger().info("ingest %s part %d: skipped (done)", dataset, part)
         return {"part": part, "status": "skipped", "rows": stop - start, "output": store.uri_of(key)}
