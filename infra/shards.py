@@ -72,9 +72,10 @@ def open_parquet(store: Store, key: str) -> pq.ParquetFile:
 
 
 def iter_batches(store: Store, key: str, columns: Sequence[str] | None = None,
-                 batch_rows: int = 4096) -> Iterator[pa.RecordBatch]:
-    """Stream a shard as record batches of at most `batch_rows` rows."""
-    pf = open_parquet(store, key)
+                 batch_rows: int = 4096, pf: pq.ParquetFile | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a shard as record batches of at most `batch_rows` rows. Pass `pf` when the caller
+    already opened the file (its footer is then not read a second time)."""
+    pf = pf or open_parquet(store, key)
     try:
         yield from pf.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None)
     except ShardInvalid:

@@ -16,7 +16,7 @@ from tasks.stage import logger
 
 
 @functools.lru_cache(maxsize=2)
-def _splits(store_uri: str, settings: Settings, dataset: str, model_id: str) -> dict[str, Split]:
+def _splits(settings: Settings, dataset: str, model_id: str) -> dict[str, Split]:
     data = load_features(open_store(settings), dataset, model_id)
     return {k: Split(v.x, v.labels) for k, v in data.items()}
 
@@ -27,7 +27,7 @@ def evaluate_method(settings: Settings, dataset: str, model_id: str, variant: st
     """Rows (small dicts) for `variant` at each of `bits`. A multi-length coder already registered
     for these features (e.g. by the pipeline's train stage) is reused with its recorded fit time."""
     store = open_store(settings)
-    s = _splits(store.uri, settings, dataset, model_id)
+    s = _splits(settings, dataset, model_id)
     fitted = fitted_s = None
     if variant == "drq":
         cid = coder_id_for("drq", max(bits), model_id)

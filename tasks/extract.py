@@ -47,13 +47,15 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
     def work():
         ids_out, feats_out = [], []
         column = "text" if text else "image"
-        schema = open_parquet(store, ref.key).schema_arrow
+        pf = open_parquet(store, ref.key)
+        schema = pf.schema_arrow
         if column not in schema.names:
             raise ShardInvalid(ref.key, f"model {model_id} needs a {column!r} column (has {sorted(schema.names)})")
         if "id" not in schema.names:
             raise ShardInvalid(ref.key, f"missing column 'id' (has {sorted(schema.names)})")
         check_raw_types(ref.key, schema, ["id", column])  # before any row is decoded
-        for batch in iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size):
+        for batch in iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size,
+                                  pf=pf):
             if batch.column(0).null_count:
                 raise ShardInvalid(ref.key, f"{batch.column(0).null_count} null ids")
             ids = batch.column(0).to_numpy(zero_copy_only=False)
