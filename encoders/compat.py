@@ -229,6 +229,8 @@ class CompatReport:
     model). update_gain (mAP) = [M(new,old) - M(old,old)] / [M(new,new) - M(old,old)], nan when
     the denominator is 0. negative_flip_rate: fraction of queries right at top-1 under old/old
     and wrong under new/old (tie-aware: mean of p_old_old * (1 - p_new_old)).
+    max_negative_flip_rate: when set, the gate also refuses a model whose negative flip rate is
+    above it (mAP can rise while single queries users relied on break).
     """
 
     map: dict[str, float]
@@ -237,6 +239,7 @@ class CompatReport:
     n_queries: int
     n_gallery: int
     extra: dict[str, float] = field(default_factory=dict)
+    max_negative_flip_rate: float | None = None
 
     @staticmethod
     def _gain(m: dict[str, float]) -> float:
@@ -252,14 +255,20 @@ class CompatReport:
         return self._gain(self.top1)
 
     def gate(self) -> tuple[bool, str]:
-        """Ship rule on mAP: M(new,old) > M(old,old) and M(new,new) > M(old,old).
-        Returns (passed, reason); the reason names every failing cell with its numbers."""
+        """Ship rule on mAP: M(new,old) > M(old,old) and M(new,new) > M(old,old), and, when
+        `max_negative_flip_rate` is set, negative flips <= it. Returns (passed, reason); the
+        reason names every failing condition with its numbers."""
         m = self.map
         oo = m["M(old,old)"]
         fails, oks = [], []
         for cell in ("M(new,old)", "M(new,new)"):
             (oks if m[cell] > oo else fails).append(
                 f"{cell}={m[cell]:.4f} {'>' if m[cell] > oo else '<='} M(old,old)={oo:.4f}")
+        bound = self.max_negative_flip_rate
+        if bound is not None:
+            ok = self.negative_flip_rate <= bound
+            (oks if ok else fails).append(
+                f"negative flips {self.negative_flip_rate:.4f} {'<=' if ok else '>'} {bound:.4f}")
         if fails:
             return False, "gate failed: " + "; ".join(fails)
         return True, "gate passed: " + "; ".join(oks)
@@ -268,7 +277,8 @@ class CompatReport:
         passed, reason = self.gate()
         return {"map": dict(self.map), "top1": dict(self.top1), "update_gain": self.update_gain,
                 "update_gain_top1": self.update_gain_top1,
-                "negative_flip_rate": self.negative_flip_rate, "gate_passed": passed,
+                "negative_flip_rate": self.negative_flip_rate,
+                "max_negative_flip_rate": self.max_negative_flip_rate, "gate_passed": passed,
                 "gate_reason": reason, "n_queries": self.n_queries, "n_gallery": self.n_gallery,
                 **self.extra}
 

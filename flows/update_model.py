@@ -13,12 +13,15 @@ from tasks.update import update_model_task
 @flow(name="update-model", log_prints=True)
 def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method: str = "dual-tuning",
                  new_model_id: str | None = None, epochs: int = 6, bits: list[int] | None = None,
+                 max_flip_rate: float | None = None,
                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, measure M(old,old) / M(new,new) / M(new,old) on floats and on DRQ codes, register the
-    new model, and move the query-model pointer only if M(new,old) > M(old,old) < M(new,new)."""
+    new model, and move the query-model pointer only if M(new,old) > M(old,old) < M(new,new)
+    (and the negative flip rate <= `max_flip_rate`, when given)."""
     cfg = Settings.load(**(settings or {}))
     new_model_id = new_model_id or f"{old_model_id}-{method}-{arch}"
-    out = update_model_task(cfg, dataset, old_model_id, arch, method, new_model_id, epochs, bits)
+    out = update_model_task(cfg, dataset, old_model_id, arch, method, new_model_id, epochs, bits,
+                            max_flip_rate=max_flip_rate)
     m = out["compat"]["map"]
     lines = [f"## update {old_model_id} -> {new_model_id} ({method})", "",
              "| cell | mAP | top-1 |", "|---|---|---|"]

@@ -51,11 +51,13 @@ def _code_matrices(store: Store, coder_id: str, q_old, q_new, g_old, g_new, q_la
 @task(name="update_model", tags=["heavy"])
 def update_model_task(settings: Settings, dataset: str, old_model_id: str, arch: str, method: str,
                       new_model_id: str, epochs: int = 6, bits: list[int] | None = None,
-                      params: dict[str, Any] | None = None) -> dict[str, Any]:
+                      params: dict[str, Any] | None = None,
+                      max_flip_rate: float | None = None) -> dict[str, Any]:
     """Train `arch` with `method` (independent | bct | dual-tuning) so its features are comparable
     with the stored features of `old_model_id`; measure the float and code compatibility matrices
     on query vs database; register the new model with its card; move the dataset's query-model
-    pointer only if the gate passes. Never writes gallery features or codes.
+    pointer only if the gate passes (mAP cells, and negative flips <= `max_flip_rate` when given).
+    Never writes gallery features or codes.
     Cost: training (epochs x 10k images) + embedding the query and database images once."""
     from encoders.backbones import build_backbone, ClassifierHead
     from encoders.compat import CompatConfig, compat_matrix, train_compatible
@@ -96,6 +98,7 @@ def update_model_task(settings: Settings, dataset: str, old_model_id: str, arch:
     q_old = _aligned(q_ids, old["query"].ids, old["query"].x)
     g_old = _aligned(g_ids, old["database"].ids, old["database"].x)
     matrix = compat_matrix({"old": q_old, "new": q_new}, {"old": g_old, "new": g_new}, q_lab, g_lab)
+    matrix.max_negative_flip_rate = max_flip_rate
     passed, reason = matrix.gate()
     log.info("compatibility (float features):\n%s\n%s", matrix.table(), reason)
 

@@ -1,4 +1,6 @@
 """encoders/compat.py: prototypes, Dual-Tuning / BCT losses, tie-aware AP, matrix, gain, gate."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,16 @@ def test_gate_reasons_name_the_failing_cell():
     assert not ok and "M(new,new)=0.5000 <= M(old,old)=0.5200" in why
     ok, why = _report(0.52, 0.5, 0.5).gate()
     assert not ok and "M(new,old)" in why and "M(new,new)" in why
+
+
+def test_gate_flip_rate_bound_refuses_a_model_that_breaks_queries():
+    r = C.CompatReport({"M(old,old)": 0.5, "M(new,new)": 0.8, "M(new,old)": 0.6},
+                       {"M(old,old)": 0.8, "M(new,new)": 0.9, "M(new,old)": 0.7}, 0.21, 10, 100)
+    assert r.gate()[0]  # no bound: mAP alone decides
+    ok, why = dataclasses.replace(r, max_negative_flip_rate=0.2).gate()
+    assert not ok and why == "gate failed: negative flips 0.2100 > 0.2000"
+    ok, why = dataclasses.replace(r, max_negative_flip_rate=0.25).gate()
+    assert ok and "negative flips 0.2100 <= 0.2500" in why
 
 
 def test_compat_matrix_independent_space_fails_gate_and_flips():
