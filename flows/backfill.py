@@ -1,4 +1,5 @@
-"""Backfill: re-run chosen stages over a shard range, skipping done shards unless `force`."""
+"""Backfill: re-run chosen stages over a shard range or a partition-date range, skipping done shards
+unless `force`."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +10,8 @@ from flows.extract_features import extract_features
 from flows.generate_codes import encode
 from flows.refresh_index import refresh_index
 from infra import layout
+from infra.manifests import partition_dates
+from infra.planner import parse_date_range, parse_shard_ranges, parts_spec, select_by_date, select_shards
 from infra.registry import RegistryError, coder_card
 from infra.settings import Settings
 from infra.store import open_store
@@ -39,19 +42,31 @@ def dataset_coders(store, dataset: str, model_id: str) -> list[str]:
 
 
 @flow(name="backfill", log_prints=True)
-def backfill(dataset: str, model_id: str, shards: str | None = None, stages: list[str] | None = None,
-             coder_ids: list[str] | None = None, force: bool = False,
+def backfill(dataset: str, model_id: str, shards: str | None = None, dates: str | None = None,
+             stages: list[str] | None = None, coder_ids: list[str] | None = None, force: bool = False,
              settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Re-run `stages` (extract, codes, index) over parts in `shards` ('120:180'). Codes use the
-    registered coders of (dataset, model_id) unless `coder_ids`; index refreshes every published
-    index of the dataset (a refresh reads only shards added or changed since its version)."""
+    """Re-run `stages` (extract, codes, index) over parts in `shards` ('120:180' or '0:3,7') and/or
+    whose partition date is in `dates` ('2026-11-01:2026-11-30', inclusive; recorded by ingest);
+    both given: parts in both. Codes use the registered coders of (dataset, model_id) unless
+    `coder_ids`; index refreshes every published index of the dataset (a refresh reads only shards
+    added or changed since its version). Cost of `dates`: one small GET per raw shard."""
+    if not shards and not dates:
+        raise ValueError("backfill needs shards (e.g. '120:180') or dates (e.g. '2026-11-01:2026-11-30')")
     stages = stages or list(STAGES)
     bad = set(stages) - set(STAGES)
     if bad:
         raise ValueError(f"unknown stages {sorted(bad)}; choose from {STAGES}")
     store = open_store(Settings.load(**(settings or {})))
     log = get_run_logger()
-    out: dict[str, Any] = {"dataset": dataset, "shards": shards, "stages": stages}
+    out: dict[str, Any] = {"dataset": dataset, "shards": shards, "dates": dates, "stages": stages}
+    if dates:
+        refs = select_shards(store.list(layout.raw_prefix(dataset)), parse_shard_ranges(shards))
+        parts = select_by_date(partition_dates(store, dataset, refs), parse_date_range(dates))
+        log.info("backfill %s: %d of %d raw shards have a partition date in %s: parts %s", dataset, len(parts),
+                 len(refs), dates, parts_spec(parts) or "none")
+        if not parts:
+            return out
+        shards = out["shards"] = parts_spec(parts)
     if "extract" in stages:
         out["extract"] = extract_features(dataset, model_id, shards=shards, force=force, settings=settings)
     if "codes" in stages:

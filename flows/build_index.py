@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.limits import ensure_heavy_limit
 from infra import indexes as ix
 from infra import layout
 from infra.planner import ShardRef, batch_shards, select_shards
@@ -53,6 +54,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     Returns a small summary: status, version, uri, n, index_type, recall_at_10, p50/p99 ms, seconds.
     """
     cfg = Settings.load(**(settings or {}))
+    ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
     log = get_run_logger()
     budget = ix.parse_bytes(memory_budget)

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from encoders.evaluation import BASELINES
+from flows.limits import ensure_heavy_limit
 from infra import layout
 from infra.reports import read_csv_rows, to_markdown, write_report
 from infra.settings import Settings
@@ -26,6 +27,7 @@ def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits
     The default run id is a hash of (features, methods, bits, R): an identical evaluation that was
     already reported is read back instead of recomputed, unless `force`."""
     cfg = Settings.load(**(settings or {}))
+    ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
     methods = methods or list(BASELINES)
     bits = sorted(bits or cfg.code_bits)

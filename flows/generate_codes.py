@@ -5,11 +5,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.limits import ensure_heavy_limit
 from flows.progress import gather, publish_summary, summarize
 from infra import layout
-from infra.planner import parse_shard_range, select_shards
+from infra.planner import parse_shard_ranges, select_shards
 from infra.settings import Settings
 from infra.store import open_store
+from tasks.caching import result_storage
 from tasks.codes import coder_id_for, encode_shard, train_coder
 
 # The longest code each method is trained for; DRQ yields every shorter length as a prefix.
@@ -22,6 +24,7 @@ def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = N
                  settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Fit and register one coder per {method: bits}; returns their cards (small dicts)."""
     cfg = Settings.load(**(settings or {}))
+    ensure_heavy_limit(cfg.heavy_limit)
     methods = methods or DEFAULT_METHODS
     futures = [train_coder.submit(cfg, dataset, model_id, m, b, (params or {}).get(m), force)
                for m, b in methods.items()]
@@ -34,15 +37,18 @@ def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = N
 @flow(name="encode", log_prints=True)
 def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None = None,
            force: bool = False, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Encode features/<dataset>/<model_id>/ shards (in `shards`) with each registered coder."""
+    """Encode features/<dataset>/<model_id>/ shards (in `shards`: '120:180' or '0:3,7') with each
+    registered coder; done shards are skipped (cached: tasks/caching.py) unless `force`."""
     cfg = Settings.load(**(settings or {}))
+    ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
-    refs = select_shards(store.list(layout.features_prefix(dataset, model_id)), parse_shard_range(shards))
+    refs = select_shards(store.list(layout.features_prefix(dataset, model_id)), parse_shard_ranges(shards))
     if not refs:
         raise ValueError(f"no features for {dataset}/{model_id}: run `codeshard extract` first")
     summaries = []
+    shard_task = encode_shard.with_options(result_storage=result_storage(cfg))  # the cache, in the store
     for coder_id in coder_ids:
-        futures = [encode_shard.submit(cfg, dataset, model_id, coder_id, ref, force) for ref in refs]
+        futures = [shard_task.submit(cfg, dataset, model_id, coder_id, ref, force) for ref in refs]
         s = summarize("encode", gather(futures, f"encode {coder_id}"))
         s["coder_id"] = coder_id
         publish_summary(s, key=f"encode-{dataset}-{coder_id}".lower().replace(".", "-"))

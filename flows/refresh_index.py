@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.build_index import build_index, run_build, summary
+from flows.limits import ensure_heavy_limit
 from infra import indexes as ix
 from infra import layout
 from infra.planner import select_shards
@@ -34,6 +35,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
     CURRENT version. Returns a summary with status 'published', 'up-to-date' or (full rebuild path)
     what `build_index` returned; 'attempts' counts lost races + 1."""
     cfg = Settings.load(**(settings or {}))
+    ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
     log = get_run_logger()
     staged: list[str] = []

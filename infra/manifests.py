@@ -3,14 +3,17 @@
 A stage skips a shard when its manifest names the same input checksum and code version and the
 output object still has the recorded checksum. A shard that fails validation is copied to
 `_quarantine/<stage>/<key>` with `<key>.reason.json` beside it; the original is left in place.
+Ingest and import manifests also carry the raw shard's partition date (stats 'date'), which date
+backfills select on.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from infra import layout
 from infra.store import Store, StoreError
@@ -50,8 +53,9 @@ def read_manifest(store: Store, key: str) -> Manifest | None:
         return None  # an unreadable manifest means "not done": the shard is redone
 
 
-def write_manifest(store: Store, key: str, manifest: Manifest) -> None:
-    store.write_bytes(key, manifest.to_json())
+def write_manifest(store: Store, key: str, manifest: Manifest) -> str:
+    """Write (replace) a manifest; returns its ETag."""
+    return store.write_bytes(key, manifest.to_json())
 
 
 def done_manifest(store: Store, key: str, input_checksum: str, code_version: str) -> Manifest | None:
@@ -63,6 +67,24 @@ def done_manifest(store: Store, key: str, input_checksum: str, code_version: str
     if out is None or out.etag != m.output_checksum:
         return None
     return m
+
+
+def partition_dates(store: Store, dataset: str, refs: Sequence[Any]) -> dict[int, str | None]:
+    """Partition date ('YYYY-MM-DD') of each raw shard in `refs` (ShardRefs), as recorded by the
+    ingest or import that wrote it (manifest stats 'date'); None when there is no such manifest or
+    date, or when the shard was replaced since (the manifest's output checksum is not its ETag).
+    Cost: two LISTs, then one small GET per shard that has a manifest (16 in flight)."""
+    listed = {i.key for stage in ("ingest", "import")
+              for i in store.list(layout.manifest_key(stage, dataset, "-", 0).rsplit("/", 1)[0] + "/")}
+    wanted = [(ref, key) for ref in refs for stage in ("ingest", "import")
+              if (key := layout.manifest_key(stage, dataset, "-", ref.part)) in listed]
+    with ThreadPoolExecutor(16) as pool:
+        manifests = list(pool.map(lambda rk: read_manifest(store, rk[1]), wanted))
+    out: dict[int, str | None] = {ref.part: None for ref in refs}
+    for (ref, _), m in zip(wanted, manifests):
+        if m is not None and m.output_checksum == ref.checksum and m.stats.get("date"):
+            out[ref.part] = m.stats["date"]
+    return out
 
 
 def quarantine_shard(store: Store, stage: str, key: str, reason: str, input_checksum: str,

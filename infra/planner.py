@@ -6,7 +6,8 @@ costs one listing of the input prefix and nothing per shard.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from datetime import date, datetime, timezone
+from typing import Iterable, Mapping, Sequence, TypeVar
 
 from infra import layout
 from infra.store import ObjectInfo
@@ -40,17 +41,72 @@ def parse_shard_range(spec: str | None) -> tuple[int, int] | None:
     return (start, stop)
 
 
-def select_shards(infos: Sequence[ObjectInfo], shard_range: tuple[int, int] | None = None) -> list[ShardRef]:
-    """Shard objects (part-NNNNN.parquet) in `shard_range`, sorted by part. Other keys are ignored."""
+def parse_shard_ranges(spec: str | None) -> list[tuple[int, int]] | None:
+    """'0:3,7,9:12' -> [(0, 3), (7, 8), (9, 12)]: comma-separated ranges, each as parse_shard_range;
+    None/'' -> None (every shard)."""
+    if spec is None or not str(spec).strip():
+        return None
+    ranges = [r for r in (parse_shard_range(item) for item in str(spec).split(",")) if r is not None]
+    return ranges or None
+
+
+def parts_spec(parts: Iterable[int]) -> str:
+    """The shard spec of exactly `parts`: [6, 7, 8, 12] -> '6:9,12' (runs of parts become ranges)."""
+    runs: list[list[int]] = []  # [start, stop)
+    for part in sorted(set(parts)):
+        if runs and runs[-1][1] == part:
+            runs[-1][1] = part + 1
+        else:
+            runs.append([part, part + 1])
+    return ",".join(str(a) if b == a + 1 else f"{a}:{b}" for a, b in runs)
+
+
+def select_shards(infos: Sequence[ObjectInfo],
+                  shard_range: tuple[int, int] | Sequence[tuple[int, int]] | None = None) -> list[ShardRef]:
+    """Shard objects (part-NNNNN.parquet) in `shard_range` (one half-open range or a list of them),
+    sorted by part. Other keys are ignored."""
+    ranges = [shard_range] if isinstance(shard_range, tuple) and isinstance(shard_range[0], int) \
+        else list(shard_range or [])
     out = []
     for info in infos:
         try:
             part = layout.part_of(info.key)
         except ValueError:
             continue
-        if shard_range is None or shard_range[0] <= part < shard_range[1]:
+        if not ranges or any(lo <= part < hi for lo, hi in ranges):
             out.append(ShardRef(info.key, part, info.etag, info.size))
     return sorted(out, key=lambda r: r.part)
+
+
+def partition_date(spec: str | None = None) -> str:
+    """The partition date ingest records for the shards it writes: `spec` ('YYYY-MM-DD', checked)
+    or, by default, today's UTC date."""
+    if spec is None or not str(spec).strip():
+        return datetime.now(timezone.utc).date().isoformat()
+    return _date(str(spec).strip()).isoformat()
+
+
+def parse_date_range(spec: str) -> tuple[date, date]:
+    """'2026-11-01:2026-11-30' -> both days, inclusive; '2026-11-01' -> that day alone."""
+    lo, _, hi = str(spec).strip().partition(":")
+    first, last = _date(lo), _date(hi) if hi else _date(lo)
+    if last < first:
+        raise ValueError(f"empty date range {spec!r}: use FIRST:LAST (inclusive) with LAST >= FIRST")
+    return first, last
+
+
+def select_by_date(dates: Mapping[int, str | None], date_range: tuple[date, date]) -> list[int]:
+    """Parts whose partition date (`dates`: part -> 'YYYY-MM-DD', or None when unknown) falls in
+    `date_range` (inclusive), sorted. Parts without a known date never match."""
+    first, last = date_range
+    return sorted(p for p, d in dates.items() if d is not None and first <= _date(d) <= last)
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not a date: {text!r} (use YYYY-MM-DD)") from None
 
 
 def batch_shards(items: Sequence[T], max_tasks: int = 256, min_per_task: int = 1) -> list[list[T]]:

@@ -32,6 +32,7 @@ class Settings:
     dask_address: str | None = None  # tcp://host:8786; None with runner=dask = local cluster
     dask_workers: int = 2
     max_workers: int = 2  # concurrent shard tasks with the thread runner
+    heavy_limit: int = 0  # concurrent "heavy"-tagged task runs per Prefect server (all workers); 0 = not set
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # inference batch (images or texts)
     shard_rows: int = 10_000
@@ -63,6 +64,8 @@ class Settings:
             raise ValueError(f"runner must be 'threads' or 'dask', got {self.runner!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.heavy_limit < 0:
+            raise ValueError(f"heavy_limit must be >= 0 (0: no limit), got {self.heavy_limit}")
         if self.shard_rows <= 0 or self.batch_size <= 0:
             raise ValueError("shard_rows and batch_size must be positive")
 

@@ -17,6 +17,7 @@ from infra.registry import RegistryError, coder_card, load_coder, register_coder
 from infra.settings import Settings
 from infra.shards import ShardInvalid, codes_table, features_matrix, read_table, validate_features
 from infra.store import Store, open_store
+from tasks.caching import ShardCache, ShardTarget, store_for
 from tasks.stage import is_store_error, logger, run_shard_stage
 
 ENCODE_VERSION = "encode-1"
@@ -81,8 +82,23 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
     return register_coder(store, coder_id, coder.state(), card)
 
 
+def encode_code_version(card: dict[str, Any]) -> str:
+    """What a codes shard depends on besides its input: the coder's state and this code."""
+    return f"{ENCODE_VERSION}:{card['coder_id']}:{card['checksum']}"
+
+
+def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
+    """encode_shard's parameters -> what it reads and writes (for its cache key; one card GET)."""
+    store, ref = store_for(inputs["settings"]), inputs["ref"]
+    dataset, coder_id = inputs["dataset"], inputs["coder_id"]
+    return ShardTarget(store, store, "encode", dataset, coder_id, ref.part, ref.key,
+                       layout.codes_key(dataset, coder_id, ref.part),
+                       encode_code_version(coder_card(store, coder_id)))
+
+
 @task(name="encode_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
-      retry_condition_fn=is_store_error, tags=["heavy"])
+      retry_condition_fn=is_store_error, tags=["heavy"], cache_policy=ShardCache(describe=_cache_target),
+      result_serializer="json")
 def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str, ref: ShardRef,
                  force: bool = False) -> dict[str, Any]:
     """Encode one features shard with a registered coder into codes/<dataset>/<coder_id>/part-N
@@ -111,7 +127,7 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
 
     outcome = run_shard_stage(store, stage="encode", dataset=dataset, output_id=coder_id, ref=ref,
                               output_key=layout.codes_key(dataset, coder_id, ref.part),
-                              code_version=f"{ENCODE_VERSION}:{coder_id}:{card['checksum']}",
+                              code_version=encode_code_version(card),
                               force=force, work=work)
     return outcome.as_dict()
 

@@ -13,10 +13,11 @@ from prefect.tasks import exponential_backoff
 from infra import layout
 from infra.images import BadImage, decode_images
 from infra.planner import ShardRef
-from infra.registry import load_backbone
+from infra.registry import load_backbone, model_card
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, features_table, iter_batches, open_parquet
 from infra.store import open_store
+from tasks.caching import ShardCache, ShardTarget, store_for
 from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_stage
 
 EXTRACT_VERSION = "extract-1"
@@ -27,8 +28,17 @@ def code_version(card: dict[str, Any]) -> str:
     return f"{EXTRACT_VERSION}:{card['model_id']}:{card['checksum']}"
 
 
+def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
+    """extract_shard's parameters -> what it reads and writes (for its cache key; one card GET)."""
+    store, ref = store_for(inputs["settings"]), inputs["ref"]
+    dataset, model_id = inputs["dataset"], inputs["model_id"]
+    return ShardTarget(store, store, "extract", dataset, model_id, ref.part, ref.key,
+                       layout.features_key(dataset, model_id, ref.part), code_version(model_card(store, model_id)))
+
+
 @task(name="extract_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
-      retry_condition_fn=is_store_error, tags=["heavy"])
+      retry_condition_fn=is_store_error, tags=["heavy"], cache_policy=ShardCache(describe=_cache_target),
+      result_serializer="json")
 def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef,
                   force: bool = False) -> dict[str, Any]:
     """Embed one raw shard with `model_id` into features/<dataset>/<model_id>/part-NNNNN.parquet.

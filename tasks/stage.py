@@ -19,6 +19,7 @@ from infra.planner import ShardRef
 from infra.shards import (ShardInvalid, cross_shard_duplicates, overlapping_id_ranges, read_table,
                           write_table)
 from infra.store import Store, StoreError
+from tasks.caching import record_committed
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,7 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
         m = done_manifest(store, mkey, checksum, code_version)
         if m is not None:
             log.info("%s %s part %d: skipped (done, %d rows)", stage, dataset, ref.part, m.rows)
-            # the recorded stats (id range, dim) still describe the output; 'pid' named another run
-            carried = {k: v for k, v in m.stats.items() if k != "pid"}
-            return ShardOutcome(stage, ref.part, "skipped", m.rows, store.uri_of(m.output_key),
-                                stats=carried)
+            return _skipped(store, m)
         reason = quarantine_reason(store, stage, ref.key, checksum, code_version)
         if reason is not None:
             log.warning("%s %s: still quarantined: %s", stage, ref.key, reason)
@@ -87,10 +85,11 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
     try:
         out_checksum = write_table(store, output_key, table)
         seconds = time.perf_counter() - t0
-        write_manifest(store, mkey, Manifest(
+        manifest = Manifest(
             stage=stage, dataset=dataset, part=ref.part, input_key=ref.key, input_checksum=checksum,
             rows=table.num_rows, output_key=output_key, output_checksum=out_checksum,
-            code_version=code_version, seconds=seconds, stats=stats))
+            code_version=code_version, seconds=seconds, stats=stats)
+        manifest_etag = write_manifest(store, mkey, manifest)
     except Exception:
         # A PUT the client saw fail may still have landed (response lost), and a manifest write may
         # fail after the output's: take both down again, manifest first, best effort, so a failed
@@ -103,8 +102,19 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
                             store.uri_of(key), e)
         raise
     log.info("%s %s part %d: done, %d rows in %.1fs", stage, dataset, ref.part, table.num_rows, seconds)
+    # what a rerun would find: recorded now, so the first rerun is already a cache hit
+    record_committed(stage=stage, dataset=dataset, output_id=output_id, part=ref.part, input_etag=checksum,
+                     manifest_etag=manifest_etag, output_etag=out_checksum, code_version=code_version,
+                     outcome=_skipped(store, manifest).as_dict())
     return ShardOutcome(stage, ref.part, "done", table.num_rows, store.uri_of(output_key), seconds,
                         stats=stats)
+
+
+def _skipped(store: Store, m: Manifest) -> ShardOutcome:
+    """The outcome of a shard that `m` proves done; its recorded stats (id range, dim) still describe
+    the output, except 'pid', which named the run that wrote it."""
+    carried = {k: v for k, v in m.stats.items() if k != "pid"}
+    return ShardOutcome(m.stage, m.part, "skipped", m.rows, store.uri_of(m.output_key), stats=carried)
 
 
 def quarantine_duplicate_ids(store: Store, *, stage: str, dataset: str, output_id: str,

@@ -1,10 +1,14 @@
 """prefect.yaml deployments load with their schedules/parameters; backfill touches exactly its range."""
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
+from prefect import flow, task
 
 from flows.deployments import deployment_specs, runner_deployments
+from flows.limits import ensure_heavy_limit
 from infra.store import open_store
 from tests.conftest import settings_dict
 from tests.helpers import register_untrained_cnn
@@ -14,7 +18,7 @@ EXPECTED = {
     "nightly-codes": ("30 2 * * *", {"dataset", "model_id", "methods"}),
     "index-refresh": ("0 3 * * *", {"name"}),
     "model-update": (None, {"dataset", "old_model_id", "arch", "method"}),
-    "backfill": (None, {"dataset", "model_id", "shards", "stages"}),
+    "backfill": (None, {"dataset", "model_id", "stages"}),  # each run passes shards or dates
 }
 
 
@@ -41,8 +45,9 @@ def test_prefect_yaml_deployments_register_with_schedules(prefect_server):
         assert set(dep.parameters) == params, name
         # parameters validate against the flow's signature (a typo in prefect.yaml fails here)
         assert set(dep.parameters) <= set(dep.parameter_openapi_schema["properties"]), name
+    assert {"shards", "dates"} <= set(read["backfill"].parameter_openapi_schema["properties"])
     refresh = read["index-refresh"]
-    assert refresh.concurrency_limit == 1 or refresh.global_concurrency_limit.limit == 1
+    assert refresh.global_concurrency_limit.limit == 1
     assert str(refresh.concurrency_options.collision_strategy).endswith("CANCEL_NEW")
 
 
@@ -63,3 +68,89 @@ def test_backfill_processes_exactly_the_range(prefect_server, s3_settings):
     assert (again["extract"]["done"], again["extract"]["skipped"]) == (2, 2)  # 5,6 new; 3,4 done
     forced = backfill("digits", "test-cnn", shards="4", stages=["extract"], force=True, settings=cfg)
     assert (forced["extract"]["shards"], forced["extract"]["done"]) == (1, 1)
+
+
+
+
+@task(tags=["heavy"])
+def _nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@flow
+def _three_naps(heavy_limit: int, tags: list[str]):
+    ensure_heavy_limit(heavy_limit)
+    for f in [_nap.with_options(tags=tags).submit(1.0) for _ in range(3)]:
+        f.result()
+
+
+def test_heavy_limit_keeps_heavy_tasks_apart(prefect_server):
+    """Three 1-second task runs on three worker threads overlap when untagged (so the check can
+    fail); tagged "heavy" with heavy_limit=1, the server hands out one slot at a time and no two of
+    them overlap (Running -> Completed, as the server recorded them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    def spans(tags: list[str]):
+        state = _three_naps.with_options(task_runner=ThreadPoolTaskRunner(max_workers=3))(
+            1, tags, return_state=True)
+
+        async def read():
+            async with get_client() as c:
+                lim = await c.read_concurrency_limit_by_tag("heavy")
+                runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                return lim.concurrency_limit, sorted((r.start_time, r.end_time) for r in runs)
+
+        return anyio.run(read)
+
+    def overlaps(s):
+        return sum(start < prev_end for (_, prev_end), (start, _) in zip(s, s[1:]))
+
+    try:
+        limit, untagged = spans(["light"])
+        assert limit == 1 and len(untagged) == 3 and overlaps(untagged) >= 1, untagged
+        limit, heavy = spans(["heavy"])
+        assert limit == 1 and len(heavy) == 3 and overlaps(heavy) == 0, heavy
+    finally:  # the session's other tests run without it (as with the default heavy_limit=0), and
+        # the test server reaps no lease: a killed run elsewhere in the session would keep a slot
+        with get_client(sync_client=True) as c:
+            c.delete_concurrency_limit_by_tag("heavy")
+
+
+@pytest.mark.s3
+def test_backfill_by_partition_date(prefect_server, s3_settings):
+    """Ingest records each shard's partition date; a date backfill runs exactly the parts that
+    landed in the range (a shard replaced since its ingest has no known date and is left out)."""
+    from flows.backfill import backfill
+    from flows.ingest import ingest
+    from infra import layout
+    from infra.shards import read_table, write_table
+
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    assert ingest("digits", shard_rows=200, date="2026-11-01", settings=cfg)["done"] == 9
+    for p in (6, 7, 8):  # lost, and landed again the next day
+        store.delete(layout.raw_key("digits", p))
+    again = ingest("digits", shard_rows=200, date="2026-11-02", settings=cfg)
+    assert (again["done"], again["skipped"]) == (3, 6)  # the others keep the date they landed with
+    register_untrained_cnn(store)
+
+    def features():
+        return sorted(layout.part_of(i.key) for i in store.list("features/digits/test-cnn/"))
+
+    out = backfill("digits", "test-cnn", dates="2026-11-02", stages=["extract"], settings=cfg)
+    assert (out["shards"], out["extract"]["done"]) == ("6:9", 3) and features() == [6, 7, 8]
+    both = backfill("digits", "test-cnn", shards="0:7", dates="2026-11-02:2026-11-30", stages=["extract"],
+                    settings=cfg)
+    assert (both["shards"], both["extract"]["skipped"]) == ("6", 1)
+    none = backfill("digits", "test-cnn", dates="2026-10-01:2026-10-31", stages=["extract"], settings=cfg)
+    assert none["shards"] is None and "extract" not in none and features() == [6, 7, 8]
+
+    raw0 = read_table(store, layout.raw_key("digits", 0))  # replaced by another writer: date unknown
+    write_table(store, layout.raw_key("digits", 0), raw0.slice(0, 100))
+    nov1 = backfill("digits", "test-cnn", dates="2026-11-01", stages=["extract"], settings=cfg)
+    assert (nov1["shards"], nov1["extract"]["done"]) == ("1:6", 5) and features() == [1, 2, 3, 4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="shards .* or dates"):
+        backfill("digits", "test-cnn", stages=["extract"], settings=cfg)

@@ -24,6 +24,15 @@ def test_validation_errors():
         Settings.load(runner="spark")
     with pytest.raises(TypeError, match="unknown setting"):
         Settings.load(bogus=1)
+    with pytest.raises(ValueError, match="heavy_limit must be >= 0"):
+        Settings.load(heavy_limit=-1)
+
+
+def test_heavy_limit_from_env_and_flag(monkeypatch):
+    monkeypatch.delenv("CODESHARD_HEAVY_LIMIT", raising=False)
+    assert Settings.load().heavy_limit == 0
+    monkeypatch.setenv("CODESHARD_HEAVY_LIMIT", "1")
+    assert Settings.load().heavy_limit == 1 and Settings.load(heavy_limit=0).heavy_limit == 0
 
 
 def test_masked_never_shows_secret(monkeypatch):
