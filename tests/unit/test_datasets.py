@@ -166,3 +166,51 @@ def test_png_round_trip():
     np.testing.assert_array_equal(np.stack([D.decode_png(b) for b in blobs]), x)
     with pytest.raises(ValueError):
         D.png_bytes(x.astype(np.float32))
+
+
+# -- vector datasets (GloVe) ------------------------------------------------------------------
+def test_unlabelled_splits_counts_and_determinism():
+    s = D.assign_unlabelled_splits(5000, seed=3, n_query=100, n_train=1000, n_val=50)
+    assert s.shape == (5000,)
+    counts = {k: int((s == k).sum()) for k in D.SPLITS}
+    assert counts == {"query": 100, "train": 1000, "val": 50, "database": 3850}
+    np.testing.assert_array_equal(s, D.assign_unlabelled_splits(5000, seed=3, n_query=100, n_train=1000, n_val=50))
+    assert not np.array_equal(s, D.assign_unlabelled_splits(5000, seed=4, n_query=100, n_train=1000, n_val=50))
+
+
+def test_unlabelled_splits_small_n_cuts_in_order():
+    s = D.assign_unlabelled_splits(30, seed=0, n_query=20, n_train=20, n_val=5)
+    assert (s == "query").sum() == 20 and (s == "val").sum() == 5
+    assert (s == "train").sum() == 5 and (s == "database").sum() == 0
+    assert D.assign_unlabelled_splits(0).shape == (0,)
+    with pytest.raises(ValueError):
+        D.assign_unlabelled_splits(10, n_query=-1)
+
+
+def _fake_glove(root, n=50, d=4):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.arange(n * d, dtype=np.float32).reshape(n, d)
+    np.save(os.path.join(root, D.GLOVE_EMB_FILE), x)
+    pq.write_table(pa.table({"index": [f"w{i}" for i in range(n)]}), os.path.join(root, D.GLOVE_VOCAB_FILE))
+    return x
+
+
+def test_glove_source_slices_and_limit(tmp_path):
+    x = _fake_glove(str(tmp_path))
+    src = D.glove_source(root=str(tmp_path))
+    assert (src.n, src.dim, src.model_id) == (50, 4, D.GLOVE_MODEL_ID)
+    np.testing.assert_array_equal(D.read_vectors(src, 10, 13), x[10:13])
+    assert D.read_words(src, 10, 13) == ["w10", "w11", "w12"]
+    small = D.glove_source(root=str(tmp_path), limit=20)
+    assert small.n == 20
+    with pytest.raises(ValueError):
+        D.read_vectors(small, 15, 25)
+    with pytest.raises(ValueError):
+        D.glove_source(root=str(tmp_path), limit=51)
+
+
+def test_glove_source_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        D.glove_source(root=str(tmp_path))
