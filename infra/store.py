@@ -4,7 +4,9 @@ Keys are '/'-separated paths relative to the store root (`raw/fashion-mnist/part
 Every write is whole-object and atomic: a reader sees the old object or the new one, never a
 partial one (local: temp file + rename; S3: a single PUT). Conditional writes (`put_if`) are the
 primitive behind `CURRENT` pointers: S3 If-Match / If-None-Match (SeaweedFS and AWS honour both),
-and on the local store an fcntl lock + ETag compare + rename.
+and on the local store an fcntl lock + ETag compare + rename. A retried conditional PUT refused
+with 412 is re-read: if the object holds exactly the bytes written, an earlier attempt landed and
+only its response was lost, so the write succeeded (S3Store._landed).
 
 Data goes through boto3 for whole objects and pyarrow's filesystem for streaming Parquet reads;
 retries come from botocore's "standard" mode and pyarrow's AwsStandardS3RetryStrategy, never a
@@ -37,7 +39,12 @@ class StoreError(RuntimeError):
 
 
 class PreconditionFailed(StoreError):
-    """A conditional write lost: the object changed (or exists) since the caller read it."""
+    """A conditional write lost: the object changed (or exists) since the caller read it.
+    `retried`: the 412 answered a retry of the request (an earlier attempt may have landed)."""
+
+    def __init__(self, msg: str, retried: bool = False) -> None:
+        super().__init__(msg)
+        self.retried = retried
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,9 @@ class Store:
     def put_if(self, key: str, data: bytes, *, if_match: str | None = None,
                if_none_match: bool = False) -> str:
         """Write only if the current ETag is `if_match` (or, with `if_none_match`, if absent).
-        Raises PreconditionFailed otherwise. Returns the new ETag."""
+        Raises PreconditionFailed otherwise. Returns the new ETag. A write whose response was lost
+        and whose retry was refused (412) because that write had landed counts as a success when
+        the object holds exactly `data` (S3Store._landed): give every writer unique bytes."""
         raise NotImplementedError
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -285,6 +294,7 @@ class S3Store(Store):
         from urllib3.exceptions import HTTPError
 
         try:
+            attempt = 0
             for attempt in range(1, max(1, self.settings.s3_retries) + 1):
                 try:
                     return fn(Bucket=self.bucket, **kw)
@@ -300,7 +310,9 @@ class S3Store(Store):
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("PreconditionFailed", "412") or status == 412:
-                raise PreconditionFailed(f"{self.uri_of(key)}: {what} lost (412 precondition failed)") from None
+                retried = attempt > 1 or e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+                raise PreconditionFailed(f"{self.uri_of(key)}: {what} lost (412 precondition failed)",
+                                         retried=retried) from None
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise StoreError(f"no object at {self.uri_of(key)}") from None
             if code == "NoSuchBucket":
@@ -346,8 +358,33 @@ class S3Store(Store):
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         self._count_write(key)
-        r = self._call("conditional put", key, self.client.put_object, **kw)
+        try:
+            r = self._call("conditional put", key, self.client.put_object, **kw)
+        except PreconditionFailed as lost:
+            etag = self._landed(key, data, lost)
+            if etag is None:
+                raise
+            return etag
         return r["ETag"].strip('"')
+
+    def _landed(self, key: str, data: bytes, lost: PreconditionFailed) -> str | None:
+        """After a 412 on a *retried* conditional PUT: did an earlier attempt of ours land? When the
+        response of a PUT that succeeded is lost, botocore retries it and the retry fails its own
+        precondition (the ETag moved / the object now exists). If the object now holds exactly
+        `data`, that write was ours: return its ETag (success). Callers make their payloads unique
+        per writer (CURRENT and _claim.json carry a build id and a timestamp), so equal bytes cannot
+        come from a rival. None: the 412 stands (not retried, other bytes, or unreadable)."""
+        if not lost.retried:
+            return None
+        try:
+            body, etag = self.read_with_etag(key)
+        except StoreError:
+            return None
+        if body != data:
+            return None
+        LOG.info("conditional put %s: a retry was refused (412) but the object holds this write's bytes: "
+                 "an earlier attempt landed and its response was lost; treated as success", self.uri_of(key))
+        return etag
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
