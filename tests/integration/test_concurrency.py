@@ -12,7 +12,6 @@ import collections
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from flows.build_index import build_index
