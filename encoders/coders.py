@@ -101,6 +101,15 @@ class Coder(ABC):
 CODERS: dict[str, Callable[..., Coder]] = {}
 
 
+def require_classes(labels: np.ndarray, method: str) -> None:
+    """Supervised coders (DRQ, LLC, GSL) learn from class labels: with fewer than two classes their
+    losses are constant and training silently returns a random embedding, so refuse up front."""
+    n = len(np.unique(np.asarray(labels)))
+    if n < 2:
+        raise ValueError(f"{method} is supervised and needs at least 2 classes in the train labels, got {n} "
+                         f"(an unlabelled dataset such as glove: use lsh, pca-rr, itq, pq, opq or float)")
+
+
 def register(method: str) -> Callable[[type[Coder]], type[Coder]]:
     """Class decorator: make `make_coder(method, ...)` build this class."""
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.coders import Coder, FitReport, register
+from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import mean_average_precision
 
 LOG = logging.getLogger(__name__)
@@ -345,6 +345,7 @@ class DRQCoder(Coder):
         x = np.asarray(train, dtype=np.float32)
         if x.ndim != 2 or len(x) != len(labels):
             raise ValueError(f"drq: train must be (n, D) with n labels, got {x.shape} and {len(labels)} labels")
+        require_classes(labels, "drq")
         _, y = np.unique(np.asarray(labels), return_inverse=True)
         n_classes = int(y.max()) + 1
         torch.manual_seed(cfg.seed)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.coders import Coder, FitReport, register
+from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import mean_average_precision
 
 LOG = logging.getLogger(__name__)
@@ -264,6 +264,7 @@ class GSLCoder(Coder):
         lab = np.asarray(labels)
         if x.ndim != 2 or len(x) != len(lab):
             raise ValueError(f"train must be (n, D) with n labels, got {x.shape} and {lab.shape}")
+        require_classes(lab, "gsl")
         classes, y = np.unique(lab, return_inverse=True)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)

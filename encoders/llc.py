@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.coders import Coder, FitReport, register
+from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import hamming_scores, hamming_topk
 
 LOG = logging.getLogger(__name__)
@@ -307,6 +307,7 @@ class LLCCoder(Coder):
     def fit(self, train: np.ndarray, labels: np.ndarray,
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:
         """Phase 1 then phase 2. train (n, D) float32, labels (n,) int; val for early stopping."""
+        require_classes(labels, "llc")
         t0 = time.perf_counter()
         m1 = self.fit_class_codes(train, labels, val)
         m2 = self.fit_instance_codes(train, labels, val)
