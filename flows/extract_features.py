@@ -12,8 +12,8 @@ from infra.planner import parse_shard_ranges, select_shards
 from infra.registry import model_card
 from infra.settings import Settings
 from infra.store import open_store
-from tasks.caching import result_storage
-from tasks.extract import check_ids_across_shards, extract_shard
+from flows.fanout import submit_shard_tasks
+from tasks.extract import check_ids_across_shards, extract_shard, extract_shards
 
 
 @flow(name="extract-features", log_prints=True)
@@ -33,8 +33,7 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
         raise ValueError(f"no raw shards for dataset {dataset!r} in {store.uri}"
                          f"{' range ' + shards if shards else ''}: run `codeshard ingest {dataset}` first")
     log.info("extract %s with %s (%s): %d shards", dataset, model_id, card["arch"], len(refs))
-    shard_task = extract_shard.with_options(result_storage=result_storage(cfg))  # the cache, in the store
-    futures = [shard_task.submit(cfg, dataset, model_id, ref, force) for ref in refs]
+    futures = submit_shard_tasks(cfg, extract_shard, extract_shards, refs, dataset, model_id, force=force)
     # ids are unique across shards: a shard repeating an earlier part's ids is quarantined
     outcomes = check_ids_across_shards(cfg, dataset, model_id, gather(futures, "extract"))
     summary = summarize("extract", outcomes)

@@ -11,8 +11,8 @@ from infra import layout
 from infra.planner import parse_shard_ranges, select_shards
 from infra.settings import Settings
 from infra.store import open_store
-from tasks.caching import result_storage
-from tasks.codes import coder_id_for, encode_shard, train_coder
+from flows.fanout import submit_shard_tasks
+from tasks.codes import coder_id_for, encode_shard, encode_shards, train_coder
 
 # The longest code each method is trained for; DRQ yields every shorter length as a prefix.
 DEFAULT_METHODS = {"drq": 64}
@@ -46,9 +46,9 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
     if not refs:
         raise ValueError(f"no features for {dataset}/{model_id}: run `codeshard extract` first")
     summaries = []
-    shard_task = encode_shard.with_options(result_storage=result_storage(cfg))  # the cache, in the store
     for coder_id in coder_ids:
-        futures = [shard_task.submit(cfg, dataset, model_id, coder_id, ref, force) for ref in refs]
+        futures = submit_shard_tasks(cfg, encode_shard, encode_shards, refs, dataset, model_id, coder_id,
+                                     force=force)
         s = summarize("encode", gather(futures, f"encode {coder_id}"))
         s["coder_id"] = coder_id
         publish_summary(s, key=f"encode-{dataset}-{coder_id}".lower().replace(".", "-"))

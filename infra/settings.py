@@ -33,6 +33,7 @@ class Settings:
     dask_workers: int = 2
     max_workers: int = 2  # concurrent shard tasks with the thread runner
     heavy_limit: int = 0  # concurrent "heavy"-tagged task runs per Prefect server (all workers); 0 = not set
+    max_shard_tasks: int = 512  # more shards than this: each extract/encode task takes a batch of shards
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # inference batch (images or texts)
     shard_rows: int = 10_000
@@ -66,8 +67,8 @@ class Settings:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.heavy_limit < 0:
             raise ValueError(f"heavy_limit must be >= 0 (0: no limit), got {self.heavy_limit}")
-        if self.shard_rows <= 0 or self.batch_size <= 0:
-            raise ValueError("shard_rows and batch_size must be positive")
+        if self.shard_rows <= 0 or self.batch_size <= 0 or self.max_shard_tasks <= 0:
+            raise ValueError("shard_rows, batch_size and max_shard_tasks must be positive")
 
     def torch_device(self) -> str:
         """'cuda' when asked for or available under 'auto', else 'cpu'."""

@@ -18,7 +18,7 @@ from infra.settings import Settings
 from infra.shards import ShardInvalid, codes_table, features_matrix, read_table, validate_features
 from infra.store import Store, open_store
 from tasks.caching import ShardCache, ShardTarget, store_for
-from tasks.stage import is_store_error, logger, run_shard_stage
+from tasks.stage import is_store_error, logger, run_shard_batch, run_shard_stage
 
 ENCODE_VERSION = "encode-1"
 
@@ -136,3 +136,11 @@ def encode_queries(store: Store, coder_id: str, x: np.ndarray) -> np.ndarray:
     """Codes of float vectors with a registered coder (query side; no store writes)."""
     coder, _ = load_coder(store, coder_id)
     return coder.encode(x)
+
+
+@task(name="encode_shards", tags=["heavy"])
+def encode_shards(settings: Settings, dataset: str, model_id: str, coder_id: str, refs: list[ShardRef],
+                  force: bool = False) -> list[dict[str, Any]]:
+    """`encode_shard` over a batch of shards in one task run (more shards than
+    `settings.max_shard_tasks`): the task overhead is paid once per batch."""
+    return run_shard_batch(encode_shard.fn, "encode", refs, settings, dataset, model_id, coder_id, force)

@@ -18,7 +18,7 @@ from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, features_table, iter_batches, open_parquet
 from infra.store import open_store
 from tasks.caching import ShardCache, ShardTarget, store_for
-from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_stage
+from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_batch, run_shard_stage
 
 EXTRACT_VERSION = "extract-1"
 
@@ -98,6 +98,14 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
                               output_key=layout.features_key(dataset, model_id, ref.part),
                               code_version=code_version(card), force=force, work=work)
     return outcome.as_dict()
+
+
+@task(name="extract_shards", tags=["heavy"])
+def extract_shards(settings: Settings, dataset: str, model_id: str, refs: list[ShardRef],
+                   force: bool = False) -> list[dict[str, Any]]:
+    """`extract_shard` over a batch of shards in one task run (datasets with more shards than
+    `settings.max_shard_tasks`): task overhead once per batch instead of per shard."""
+    return run_shard_batch(extract_shard.fn, "extract", refs, settings, dataset, model_id, force)
 
 
 @task(name="check_ids_across_shards", retries=3, retry_delay_seconds=exponential_backoff(1),

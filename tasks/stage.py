@@ -117,6 +117,24 @@ def _skipped(store: Store, m: Manifest) -> ShardOutcome:
     return ShardOutcome(m.stage, m.part, "skipped", m.rows, store.uri_of(m.output_key), stats=carried)
 
 
+def run_shard_batch(shard_fn: Callable[..., dict[str, Any]], stage: str, refs: list[ShardRef],
+                    *args: Any) -> list[dict[str, Any]]:
+    """Run a shard task's function over a batch of shards inside one task run: `shard_fn(*args[:-1],
+    ref, args[-1])` (the shard task's signature ends with `ref, force`). Each shard commits through
+    its own manifest, so a rerun redoes only unfinished shards; a shard that raises is reported as
+    'failed' with its reason and the batch goes on (the store already retried it)."""
+    log = logger()
+    *head, force = args
+    out = []
+    for ref in refs:
+        try:
+            out.append(shard_fn(*head, ref, force))
+        except Exception as e:  # noqa: BLE001 - one failed shard must not take the batch down
+            log.error("%s %s: failed: %s: %s", stage, ref.key, type(e).__name__, e)
+            out.append({"stage": stage, "part": ref.part, "status": "failed", "reason": f"{type(e).__name__}: {e}"})
+    return out
+
+
 def quarantine_duplicate_ids(store: Store, *, stage: str, dataset: str, output_id: str,
                              outcomes: list[dict[str, Any]], output_key: Callable[[int], str]) -> list[dict[str, Any]]:
     """Ids are unique across a dataset's shards: a finished shard holding an id that an earlier
