@@ -143,4 +143,5 @@ def encode_shards(settings: Settings, dataset: str, model_id: str, coder_id: str
                   force: bool = False) -> list[dict[str, Any]]:
     """`encode_shard` over a batch of shards in one task run (more shards than
     `settings.max_shard_tasks`): the task overhead is paid once per batch."""
-    return run_shard_batch(encode_shard.fn, "encode", refs, settings, dataset, model_id, coder_id, force)
+    return run_shard_batch(encode_shard.fn, "encode", refs, settings, dataset, model_id, coder_id,
+                           force=force)

@@ -105,7 +105,7 @@ def extract_shards(settings: Settings, dataset: str, model_id: str, refs: list[S
                    force: bool = False) -> list[dict[str, Any]]:
     """`extract_shard` over a batch of shards in one task run (datasets with more shards than
     `settings.max_shard_tasks`): task overhead once per batch instead of per shard."""
-    return run_shard_batch(extract_shard.fn, "extract", refs, settings, dataset, model_id, force)
+    return run_shard_batch(extract_shard.fn, "extract", refs, settings, dataset, model_id, force=force)
 
 
 @task(name="check_ids_across_shards", retries=3, retry_delay_seconds=exponential_backoff(1),

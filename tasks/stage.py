@@ -118,17 +118,16 @@ def _skipped(store: Store, m: Manifest) -> ShardOutcome:
 
 
 def run_shard_batch(shard_fn: Callable[..., dict[str, Any]], stage: str, refs: list[ShardRef],
-                    *args: Any) -> list[dict[str, Any]]:
-    """Run a shard task's function over a batch of shards inside one task run: `shard_fn(*args[:-1],
-    ref, args[-1])` (the shard task's signature ends with `ref, force`). Each shard commits through
-    its own manifest, so a rerun redoes only unfinished shards; a shard that raises is reported as
-    'failed' with its reason and the batch goes on (the store already retried it)."""
+                    *args: Any, force: bool) -> list[dict[str, Any]]:
+    """Run a shard task's function over a batch of shards inside one task run: `shard_fn(*args, ref,
+    force)` per shard. Each shard commits through its own manifest, so a rerun redoes only
+    unfinished shards; a shard that raises is reported as 'failed' with its reason and the batch
+    goes on (the store already retried it)."""
     log = logger()
-    *head, force = args
     out = []
     for ref in refs:
         try:
-            out.append(shard_fn(*head, ref, force))
+            out.append(shard_fn(*args, ref, force))
         except Exception as e:  # noqa: BLE001 - one failed shard must not take the batch down
             log.error("%s %s: failed: %s: %s", stage, ref.key, type(e).__name__, e)
             out.append({"stage": stage, "part": ref.part, "status": "failed", "reason": f"{type(e).__name__}: {e}"})
