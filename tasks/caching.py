@@ -17,12 +17,23 @@ for the code version) and three HEADs (input, manifest, output). One ~1 KB PUT p
 Records live in the object store under `_prefect_results/` (`StoreResults`), so every worker of a
 multi-machine Dask cluster sees the same cache; the block document holds the store URI, endpoint
 and region only, never a credential (S3 access uses the AWS chain of the process that reads).
+
+Records are untrusted input (RELIABILITY.md, threat model): Prefect would deserialise a record with
+the serializer the record names (pickle included) and import the JSON decoder it names. So
+`StoreResults.read_path` never hands Prefect a stored record: it parses the record as plain JSON,
+checks its outcome against the manifest whose ETag is in the cache key (read again, one GET), and
+returns a record it builds itself with a fixed, hook-free JSON serializer. Anything else (another
+serializer, a shape or value that disagrees with the manifest, a key this process did not compute)
+is a cache miss with a warning; the task then runs and its manifest check decides.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,12 +42,18 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
 from prefect.logging import get_run_logger
+from prefect.results import ResultRecord, ResultRecordMetadata
+from prefect.serializers import JSONSerializer
 
 from infra import layout
+from infra.manifests import Manifest
 from infra.settings import Settings
 from infra.store import Store, StoreError, open_store
 
+LOG = logging.getLogger(__name__)
 RESULTS_PREFIX = "_prefect_results"
+# the only serializer a replayed record is read with: stdlib json, no object hook (no import, no call)
+DATA_ONLY_JSON = JSONSerializer(object_decoder=None, object_encoder=None)
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,66 @@ class ShardCache(CachePolicy):
             return None
         if any(h is None for h in heads):
             return None
-        return shard_key(t.stage, t.dataset, t.output_id, t.part, *(h.etag for h in heads), t.code_version)
+        key = shard_key(t.stage, t.dataset, t.output_id, t.part, *(h.etag for h in heads), t.code_version)
+        _expect(key, ExpectedRecord(t.store, layout.manifest_key(t.stage, t.dataset, t.output_id, t.part),
+                                    heads[1].etag))
+        return key
+
+
+@dataclass(frozen=True)
+class ExpectedRecord:
+    """What a cache key computed in this process vouches for: the manifest (key and ETag) that a
+    replayed outcome must agree with."""
+
+    store: Store
+    manifest_key: str
+    manifest_etag: str
+
+
+_EXPECTED: collections.OrderedDict[str, ExpectedRecord] = collections.OrderedDict()
+_EXPECTED_LOCK = threading.Lock()
+_EXPECTED_MAX = 4096  # keys computed recently in this process; a key is read right after it is computed
+
+
+def _expect(key: str, expected: ExpectedRecord) -> None:
+    with _EXPECTED_LOCK:
+        _EXPECTED[key] = expected
+        _EXPECTED.move_to_end(key)
+        while len(_EXPECTED) > _EXPECTED_MAX:
+            _EXPECTED.popitem(last=False)
+
+
+class UntrustedRecord(ValueError):
+    """A stored result record that is not replayed (Prefect reads the error as "no record")."""
+
+
+def trusted_record(key: str, data: bytes) -> bytes:
+    """The bytes Prefect may deserialise for the stored record `data` under cache key `key`: a record
+    rebuilt here, with DATA_ONLY_JSON, holding an outcome equal to the one the manifest vouched for
+    by `key` implies. Raises UntrustedRecord otherwise. Cost: one manifest GET; O(record size)."""
+    with _EXPECTED_LOCK:
+        expected = _EXPECTED.get(key)
+    if expected is None:
+        raise UntrustedRecord(f"{key}: not a cache key computed by this process")
+    try:
+        record = json.loads(data)
+        serializer = record["metadata"]["serializer"]
+        outcome = json.loads(record["result"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise UntrustedRecord(f"{key}: not a JSON result record ({type(e).__name__})") from None
+    named = serializer.get("type") if isinstance(serializer, dict) else serializer
+    if named != "json":
+        raise UntrustedRecord(f"{key}: names serializer {str(named)[:40]!r}, not json")
+    body, etag = expected.store.read_with_etag(expected.manifest_key)
+    if etag != expected.manifest_etag:
+        raise UntrustedRecord(f"{key}: manifest {expected.manifest_key} changed since the key was computed")
+    from tasks.stage import skipped_outcome  # stage imports this module: the outcome's one definition
+
+    vouched = json.loads(json.dumps(skipped_outcome(expected.store, Manifest.from_json(body)).as_dict()))
+    if outcome != vouched:
+        raise UntrustedRecord(f"{key}: outcome disagrees with manifest {expected.manifest_key}")
+    meta = ResultRecordMetadata(storage_key=key, serializer=DATA_ONLY_JSON)
+    return ResultRecord(metadata=meta, result=vouched).serialize()
 
 
 def record_committed(*, stage: str, dataset: str, output_id: str, part: int, input_etag: str,
@@ -117,8 +193,15 @@ class StoreResults(WritableFileSystem):
         return store_for(Settings.load(store=self.store, s3_endpoint=self.s3_endpoint, s3_region=self.s3_region))
 
     def read_path(self, path: str, _sync: bool = True) -> bytes:
-        """One GET; raises StoreError when absent (Prefect reads that as "no record")."""
-        return self._store().read_bytes(f"{RESULTS_PREFIX}/{path}")
+        """One GET (+ one manifest GET for a shard record: `trusted_record`); raises StoreError when
+        absent and UntrustedRecord when not replayable (Prefect reads either as "no record")."""
+        data = self._store().read_bytes(f"{RESULTS_PREFIX}/{path}")
+        try:
+            return trusted_record(path, data)
+        except UntrustedRecord as e:
+            LOG.warning("cache record %s not replayed (the task runs and checks its manifest): %s",
+                        self._store().uri_of(f"{RESULTS_PREFIX}/{path}"), e)
+            raise
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
         """One atomic PUT."""
