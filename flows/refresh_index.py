@@ -30,10 +30,12 @@ from infra.store import open_store
 
 @flow(name="refresh-index", log_prints=True)
 def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempts: int = 3,
-                  shards_per_task: int | None = None) -> dict[str, Any]:
+                  shards_per_task: int | None = None, allow_removal: str | None = None) -> dict[str, Any]:
     """Publish a new version of index `name` with the shards added (or changed/removed) since its
     CURRENT version. Returns a summary with status 'published', 'up-to-date' or (full rebuild path)
-    what `build_index` returned; 'attempts' counts lost races + 1."""
+    what `build_index` returned; 'attempts' counts lost races + 1. Code shards that disappeared
+    since CURRENT stop the refresh (nothing published) unless `allow_removal` states why; the
+    reason goes into build.json ('removal_reason')."""
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
@@ -56,6 +58,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
         if delta.empty:
             log.info("index %s v%d is up to date (%d shards)", name, current.version, delta.unchanged)
             return {**summary(store, name, prev, "up-to-date"), "attempts": attempt, "code_shards_read": {}}
+        ix.check_shrink(delta, allow_removal)  # before anything is built: a shrink needs a stated reason
         plan = ix.IndexPlan.from_dict(prev["plan"])
         log.info("index %s v%d: %d added, %d changed, %d removed, %d unchanged shards (attempt %d)", name,
                  current.version, len(delta.added), len(delta.changed), len(delta.removed), delta.unchanged, attempt)
@@ -82,7 +85,8 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
                 "mode": "refresh", "based_on": current.version, "attempt": attempt,
                 "delta": {"added": [r.key for r in delta.added], "changed": [r.key for r in delta.changed],
                           "removed": [i["key"] for i in delta.removed], "unchanged": delta.unchanged},
-                "plan_s": time.perf_counter() - t0}
+                "plan_s": time.perf_counter() - t0,
+                **({"removal_reason": allow_removal} if delta.removed else {})}
         res = run_build(cfg, store, name, prev["coder_id"], prev["bits"], plan, batches, current,
                         prev["memory_budget"], meta, base=prev, drop_parts=delta.drop_parts,
                         trained=trained, eval_parts=[r.part for r in todo], cleanup_on_loss=False)

@@ -906,6 +906,19 @@ class RefreshDelta:
         return sorted([*self.added, *self.changed], key=lambda r: r.part)
 
 
+def check_shrink(delta: RefreshDelta, allow_removal: str | None) -> None:
+    """Refuse (IndexBuildError) a refresh that would drop indexed rows because their code shards
+    disappeared, unless `allow_removal` gives the reason (recorded in build.json). A failed or
+    interrupted rewrite must never shrink a published index silently. Pure, O(removed shards)."""
+    gone = [i for i in delta.removed if "reason" not in i]
+    if gone and not (allow_removal and allow_removal.strip()):
+        keys = ", ".join(i["key"] for i in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        raise IndexBuildError(
+            f"{len(gone)} indexed code shard(s) are gone from the store ({keys}): refreshing would drop their "
+            f"rows. Re-encode them (`codeshard encode`), or, if the removal is intended, refresh with an "
+            f"explicit reason (allow_removal), which build.json records")
+
+
 def plan_refresh(inputs: Sequence[dict[str, Any]], listing: Sequence[Any]) -> RefreshDelta:
     """Compare a version's inputs (build.json 'inputs' + 'invalid', each with key, part, checksum;
     invalid ones carry a 'reason' and have no rows) with the current listing (ShardRefs). Pure,

@@ -18,7 +18,7 @@ from infra.manifests import (Manifest, done_manifest, quarantine_reason, quarant
 from infra.planner import ShardRef
 from infra.shards import (ShardInvalid, cross_shard_duplicates, overlapping_id_ranges, read_table,
                           write_table)
-from infra.store import Store, StoreError
+from infra.store import ObjectInfo, Store, StoreError, StoreUnavailable
 from tasks.caching import record_committed
 
 
@@ -69,7 +69,7 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
         m = done_manifest(store, mkey, checksum, code_version)
         if m is not None:
             log.info("%s %s part %d: skipped (done, %d rows)", stage, dataset, ref.part, m.rows)
-            return _skipped(store, m)
+            return skipped_outcome(store, m)
         reason = quarantine_reason(store, stage, ref.key, checksum, code_version)
         if reason is not None:
             log.warning("%s %s: still quarantined: %s", stage, ref.key, reason)
@@ -82,6 +82,7 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
                                 code_version=code_version)
         log.error("%s %s: QUARANTINED (%s) -> %s", stage, ref.key, e.reason, store.uri_of(qkey))
         return ShardOutcome(stage, ref.part, "quarantined", reason=e.reason)
+    prior = committed_before(store, mkey) if force else None
     try:
         out_checksum = write_table(store, output_key, table)
         seconds = time.perf_counter() - t0
@@ -90,27 +91,67 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
             rows=table.num_rows, output_key=output_key, output_checksum=out_checksum,
             code_version=code_version, seconds=seconds, stats=stats)
         manifest_etag = write_manifest(store, mkey, manifest)
-    except Exception:
-        # A PUT the client saw fail may still have landed (response lost), and a manifest write may
-        # fail after the output's: take both down again, manifest first, best effort, so a failed
-        # shard leaves nothing visible. (A killed process cannot: its next run rewrites the output.)
-        for key in (mkey, output_key):
-            try:
-                store.delete(key)
-            except StoreError as e:
-                log.warning("%s %s: could not remove %s after a failed write: %s", stage, ref.key,
-                            store.uri_of(key), e)
+    except Exception as e:
+        undo_failed_write(store, mkey, output_key, prior, f"{stage} {ref.key}", e)
         raise
     log.info("%s %s part %d: done, %d rows in %.1fs", stage, dataset, ref.part, table.num_rows, seconds)
     # what a rerun would find: recorded now, so the first rerun is already a cache hit
     record_committed(stage=stage, dataset=dataset, output_id=output_id, part=ref.part, input_etag=checksum,
                      manifest_etag=manifest_etag, output_etag=out_checksum, code_version=code_version,
-                     outcome=_skipped(store, manifest).as_dict())
+                     outcome=skipped_outcome(store, manifest).as_dict())
     return ShardOutcome(stage, ref.part, "done", table.num_rows, store.uri_of(output_key), seconds,
                         stats=stats)
 
 
-def _skipped(store: Store, m: Manifest) -> ShardOutcome:
+@dataclass(frozen=True)
+class CommittedShard:
+    """A shard's committed state before a forced rewrite: its manifest and output, bytes and ETags."""
+
+    manifest: bytes
+    manifest_etag: str
+    output_key: str
+    output: bytes
+    output_etag: str
+
+
+def committed_before(store: Store, mkey: str) -> CommittedShard | None:
+    """The committed state at `mkey` (a readable manifest whose output still has its checksum), or
+    None. Cost: the manifest and the output are read into memory (one shard), under --force only."""
+    try:
+        mbytes, metag = store.read_with_etag(mkey)
+        m = Manifest.from_json(mbytes)
+        out, oetag = store.read_with_etag(m.output_key)
+    except (StoreError, ValueError, TypeError):
+        return None  # nothing committed (or unreadable): there is nothing to keep
+    return CommittedShard(mbytes, metag, m.output_key, out, oetag) if oetag == m.output_checksum else None
+
+
+def undo_failed_write(store: Store, mkey: str, output_key: str, prior: CommittedShard | None, what: str,
+                      cause: BaseException) -> None:
+    """After a failed output or manifest write, put the shard back as it was: the previous committed
+    output and manifest when there was one (`prior`, rewritten only where this attempt changed
+    them), else nothing visible (this attempt's manifest and output removed: a PUT the client saw
+    fail may have landed). Best effort: a failure here is logged next to `cause`, which the caller
+    re-raises. Cost: two HEADs, and at most two PUTs or DELETEs."""
+    log = logger()
+    if prior is None:
+        steps = [(mkey, None), (output_key, None)]  # manifest first: it is the commit point
+    else:
+        steps = [(prior.output_key, (prior.output, prior.output_etag)), (mkey, (prior.manifest, prior.manifest_etag))]
+    for key, keep in steps:
+        try:
+            if keep is None:
+                store.delete(key)
+            elif (store.head(key) or ObjectInfo(key, -1, "")).etag != keep[1]:
+                store.write_bytes(key, keep[0])
+                log.warning("%s: restored the committed %s after a failed rewrite", what, store.uri_of(key))
+        except Exception as e:  # noqa: BLE001 - never hide the write error the caller re-raises
+            log.error("%s: could not %s %s after a failed write (%s: %s); the write failed with %s: %s",
+                      what, "remove" if keep is None else "restore", store.uri_of(key), type(e).__name__,
+                      e, type(cause).__name__, cause)
+
+
+def skipped_outcome(store: Store, m: Manifest) -> ShardOutcome:
     """The outcome of a shard that `m` proves done; its recorded stats (id range, dim) still describe
     the output, except 'pid', which named the run that wrote it."""
     carried = {k: v for k, v in m.stats.items() if k != "pid"}
@@ -185,10 +226,11 @@ def _output_ids(store: Store, key: str):
 
 
 def is_store_error(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry transient store failures, never bad input."""
+    """Prefect retry_condition_fn: retry transient store failures, never bad input, nor a store
+    whose breaker is open (StoreUnavailable: the run fails fast instead of retrying every shard)."""
     try:
         state.result()
-    except ShardInvalid:
+    except (ShardInvalid, StoreUnavailable):
         return False
     except Exception:
         return True

@@ -178,7 +178,10 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     write_parts(store, {"itq-test": itq}, range(3, 4), seed=7)
     store.delete(layout.codes_key(DATASET, "itq-test", 5))
     before = collections.Counter(Store.reads)
-    r3 = refresh_index("synth-itq", settings=cfg)
+    with pytest.raises(ix.IndexBuildError, match="allow_removal"):  # a shrink needs a stated reason
+        refresh_index("synth-itq", settings=cfg)
+    assert ix.read_current(store, "synth-itq").version == 2
+    r3 = refresh_index("synth-itq", settings=cfg, allow_removal="part 5 withdrawn by the test")
     assert (r3["status"], r3["version"], r3["n"]) == ("published", 3, 6300)
     assert code_reads_since(store, "itq-test", before) == {layout.codes_key(DATASET, "itq-test", 3)}
     ci, b3 = ix.load_version(store, "synth-itq", 3)
@@ -186,6 +189,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     new3 = synthetic(range(3, 4), seed=7)[0]
     np.testing.assert_array_equal(np.sort(ci.ids[ci.parts == 3]), np.sort(new3))
     assert b3["delta"]["changed"] == [layout.codes_key(DATASET, "itq-test", 3)]
+    assert b3["removal_reason"] == "part 5 withdrawn by the test"
 
 
 def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
