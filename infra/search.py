@@ -62,6 +62,12 @@ class SearchResult:
     hits: list[list[dict[str, Any]]]
 
 
+def check_k(k: int) -> None:
+    """Raise ValueError unless `k` is an int >= 1 (faiss would answer k=0 with one hit)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+
+
 class Searcher:
     """Search index `name` in `store`, always on the version CURRENT names (checked at most every
     `poll_seconds`). Thread-safe. `meta_cache_parts`: raw/features shards kept in memory."""
@@ -117,14 +123,16 @@ class Searcher:
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int = 10, with_metadata: bool = True) -> SearchResult:
         """Top-k for float query features (nq, D) float32 (or one (D,) vector). Cost: the coder's
-        query encoding plus the index search (flat types scan N codes per query)."""
+        query encoding plus the index search (flat types scan N codes per query). k >= 1."""
+        check_k(k)
         lv = self.current()
         q = ix.prepare_queries(lv.ci.plan, lv.coder, lv.ci.bits, queries)
         return self._result(lv, q, k, with_metadata)
 
     def search_by_id(self, item_id: int, k: int = 10, with_metadata: bool = True) -> SearchResult:
         """Top-k for the stored feature of `item_id` (read from its features shard, cached). Binary and
-        float indexes fall back to the item's stored code when its features are not in the store."""
+        float indexes fall back to the item's stored code when its features are not in the store. k >= 1."""
+        check_k(k)
         lv = self.current()
         pos = lv.position_of(int(item_id))
         feat = self.feature_of(int(item_id), lv)

@@ -1,7 +1,9 @@
 """The one settings object: `CODESHARD_*` environment variables, overridable by CLI flags.
 
 Credentials are never settings: S3 access uses the standard AWS chain (env vars, profile, instance
-role) through boto3, and nothing here stores or prints a secret.
+role) through boto3, and nothing here stores or prints a secret. A store or endpoint URI carrying
+credentials (`s3://id:secret@…`) is refused; importing this module masks URI userinfo and AWS
+secrets in every log record of the process (infra/redact.py).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.redact import install_log_redaction, refuse_credentials_in_uri
+
+install_log_redaction()  # every process that runs codeshard code imports the settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = f"file://{REPO_ROOT / '.codeshard' / 'store'}"
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def _parse_bits(text: str) -> tuple[int, ...]:
@@ -28,6 +32,7 @@ class Settings:
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO); None = AWS
     s3_region: str = "us-east-1"
     s3_retries: int = 5  # botocore "standard" retry mode max attempts (and pyarrow's)
+    store_breaker: int = 3  # consecutive failed store operations (each past its retries) before the rest fail fast; 0 = off
     runner: str = "threads"  # threads | dask
     dask_address: str | None = None  # tcp://host:8786; None with runner=dask = local cluster
     dask_workers: int = 2
@@ -59,8 +64,12 @@ class Settings:
         return s
 
     def validate(self) -> None:
+        refuse_credentials_in_uri(self.store, "store")
+        refuse_credentials_in_uri(self.s3_endpoint, "s3_endpoint")
         if not (self.store.startswith("file://") or self.store.startswith("s3://")):
             raise ValueError(f"store must be file:///path or s3://bucket/prefix, got {self.store!r}")
+        if self.store_breaker < 0:
+            raise ValueError(f"store_breaker must be >= 0 (0: off), got {self.store_breaker}")
         if self.runner not in ("threads", "dask"):
             raise ValueError(f"runner must be 'threads' or 'dask', got {self.runner!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -12,30 +12,102 @@ Data goes through boto3 for whole objects and pyarrow's filesystem for streaming
 retries come from botocore's "standard" mode and pyarrow's AwsStandardS3RetryStrategy, never a
 hand-rolled loop, except where botocore cannot retry: a response body cut after its retry loop
 ended (S3Store._call, S3Store.read_with_etag), asked again within the same `s3_retries` budget.
-Credentials come from the standard AWS chain and are never logged.
+Credentials come from the standard AWS chain and are never logged; a store URI carrying some is
+refused (infra/redact.py). A store that stops answering trips a per-process circuit breaker
+(`StoreBreaker`): after `store_breaker` consecutive operations failed past their retries, every
+further operation on that store fails at once with `StoreUnavailable` (tasks do not retry it) until
+a probe after `BREAKER_COOLDOWN_S` succeeds. Local objects are created with the process umask's
+permissions (0644 under the usual 022), like any file the service writes.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from infra.redact import redact, refuse_credentials_in_uri
 from infra.settings import Settings
 
 LOG = logging.getLogger(__name__)
+BREAKER_COOLDOWN_S = 30.0  # an open breaker lets one probe through after this long
+# mkstemp creates 0600 files; objects get what open() would give (read once: os.umask both sets and gets)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 class StoreError(RuntimeError):
-    """An object-store operation failed; the message names the key and the cause, never a secret."""
+    """An object-store operation failed; the message names the key and the cause, never a secret.
+    `transport`: the store gave no answer (connection, timeout, 5xx) after the retries."""
+
+    transport: bool = False
+
+
+class StoreUnavailable(StoreError):
+    """The store failed `store_breaker` operations in a row (each past its retries): this process
+    stops asking it for a while. Not retried by tasks: the run fails fast, naming the store."""
+
+
+@dataclass
+class StoreBreaker:
+    """Consecutive-failure circuit breaker for one store in one process. `threshold` 0: never opens.
+    Thread-safe; O(1) per call."""
+
+    name: str
+    threshold: int
+    cooldown_s: float = BREAKER_COOLDOWN_S
+    failures: int = 0
+    opened_at: float | None = None
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def before(self) -> None:
+        """Raise StoreUnavailable while open; after the cooldown, let one probe through."""
+        with self._lock:
+            if self.opened_at is None:
+                return
+            if time.monotonic() - self.opened_at < self.cooldown_s:
+                raise StoreUnavailable(
+                    f"store {self.name} is unavailable: {self.failures} operations in a row failed past their "
+                    f"retries; failing fast (next probe in {self.cooldown_s - (time.monotonic() - self.opened_at):.0f}s). "
+                    f"Check the endpoint, the network and the bucket, then rerun: committed shards are kept")
+            self.opened_at = time.monotonic()  # this call is the probe; the others keep failing fast
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            if self.threshold and self.failures >= self.threshold:
+                if self.opened_at is None:
+                    LOG.error("store %s: %d operations in a row failed; failing fast for %.0fs",
+                              self.name, self.failures, self.cooldown_s)
+                self.opened_at = time.monotonic()
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.failures, self.opened_at = 0, None
+
+
+_BREAKERS: dict[tuple[str, str | None], StoreBreaker] = {}
+_BREAKERS_LOCK = threading.Lock()
+
+
+def breaker_for(uri: str, settings: Settings) -> StoreBreaker:
+    """The process-wide breaker of the store at `uri` (and endpoint): every Store object on it shares it."""
+    key = (uri.rstrip("/"), settings.s3_endpoint)
+    with _BREAKERS_LOCK:
+        if key not in _BREAKERS:
+            _BREAKERS[key] = StoreBreaker(uri.rstrip("/"), settings.store_breaker)
+        return _BREAKERS[key]
 
 
 class PreconditionFailed(StoreError):
@@ -144,13 +216,24 @@ class Store:
         return f"{self.uri.rstrip('/')}/{key}"
 
     def check(self) -> str:
-        """Cheap reachability + write check; returns a one-line status or raises StoreError."""
+        """Cheap reachability + write check (list, put, get, delete of `_health/probe`); returns a
+        one-line status, or raises StoreError naming the step that failed, whatever the cause
+        (a read-only folder's PermissionError included), with secrets masked."""
         key = "_health/probe"
-        self.list("_health/")  # a missing bucket fails here, before any write could create it
-        etag = self.write_bytes(key, b"ok")
-        if self.read_bytes(key) != b"ok":
-            raise StoreError(f"{self.uri}: read-after-write returned other bytes")
-        self.delete(key)
+        step = "list"
+        try:
+            self.list("_health/")  # a missing bucket fails here, before any write could create it
+            step = "write"
+            etag = self.write_bytes(key, b"ok")
+            step = "read back"
+            if self.read_bytes(key) != b"ok":
+                raise StoreError(f"{self.uri}: read-after-write returned other bytes")
+            step = "delete"
+            self.delete(key)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a health check reports every cause as one line
+            raise StoreError(f"{step} {self.uri_of(key)} failed: {type(e).__name__}: {_clean(e)}") from None
         return f"{self.uri}: read/write ok (etag {etag[:8]}…)"
 
 
@@ -175,25 +258,32 @@ class LocalStore(Store):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise StoreError(f"no object at {self.uri_of(key)}") from None
+        except OSError as e:
+            raise StoreError(f"get {self.uri_of(key)} failed: {_clean(e)}") from None
 
     def read_with_etag(self, key: str) -> tuple[bytes, str]:
         data = self.read_bytes(key)
         return data, hashlib.md5(data).hexdigest()
 
     def write_bytes(self, key: str, data: bytes) -> str:
+        """Temp file (mode FILE_MODE) + fsync + rename. OSError (disk full, read-only) -> StoreError."""
         path = self._path(key)
         self._count_write(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), FILE_MODE)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
+        except BaseException as e:
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise StoreError(f"put {self.uri_of(key)} failed: {_clean(e)}") from None
             raise
         return hashlib.md5(data).hexdigest()
 
@@ -258,6 +348,8 @@ class LocalStore(Store):
             self._path(key).unlink()
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise StoreError(f"delete {self.uri_of(key)} failed: {_clean(e)}") from None
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(self.root)
@@ -285,11 +377,27 @@ class S3Store(Store):
         )
         self.client = self._session.client("s3", endpoint_url=settings.s3_endpoint, config=cfg)
         self._fs: pafs.S3FileSystem | None = None
+        self.breaker = breaker_for(self.uri, settings)
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, key: str, fn, **kw):
+        """`fn(Bucket=…, **kw)` with errors mapped to StoreError, through the store's breaker: an
+        answer from S3 (success, 4xx) closes it; a transport failure or 5xx past the retries counts."""
+        self.breaker.before()
+        try:
+            r = self._call_once(what, key, fn, **kw)
+        except StoreError as e:
+            if getattr(e, "transport", False):
+                self.breaker.failed()
+            else:
+                self.breaker.succeeded()
+            raise
+        self.breaker.succeeded()
+        return r
+
+    def _call_once(self, what: str, key: str, fn, **kw):
         from botocore.exceptions import BotoCoreError, ClientError
         from urllib3.exceptions import HTTPError
 
@@ -304,7 +412,7 @@ class S3Store(Store):
                     # as a raw urllib3 error. Such a body is never a completed write's answer (those
                     # are empty): ask again, within the same budget.
                     if attempt >= self.settings.s3_retries:
-                        raise StoreError(f"{what} {self.uri_of(key)} failed: response cut after {attempt} "
+                        raise _transport(f"{what} {self.uri_of(key)} failed: response cut after {attempt} "
                                          f"attempts: {_clean(e)}") from None
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
@@ -317,10 +425,12 @@ class S3Store(Store):
                 raise StoreError(f"no object at {self.uri_of(key)}") from None
             if code == "NoSuchBucket":
                 raise StoreError(f"bucket {self.bucket!r} does not exist ({self.uri})") from None
-            raise StoreError(f"{what} {self.uri_of(key)} failed: {code or status}: "
-                             f"{e.response.get('Error', {}).get('Message', '')}") from None
+            err = StoreError(f"{what} {self.uri_of(key)} failed: {code or status}: "
+                             f"{redact(str(e.response.get('Error', {}).get('Message', '')))}")
+            err.transport = isinstance(status, int) and status >= 500
+            raise err from None
         except BotoCoreError as e:
-            raise StoreError(f"{what} {self.uri_of(key)} failed: {_clean(e)}") from None
+            raise _transport(f"{what} {self.uri_of(key)} failed: {_clean(e)}") from None
 
     def read_bytes(self, key: str) -> bytes:
         return self.read_with_etag(key)[0]
@@ -449,9 +559,11 @@ class S3Store(Store):
 
 
 def open_store(settings: Settings | None = None, uri: str | None = None) -> Store:
-    """The store named by `uri` (default: settings.store). Cheap: no network call is made."""
+    """The store named by `uri` (default: settings.store). Cheap: no network call is made. A URI
+    carrying credentials is refused (ValueError, secret masked)."""
     settings = settings or Settings.load()
     uri = uri or settings.store
+    refuse_credentials_in_uri(uri, "store URI")
     if uri.startswith("file://"):
         return LocalStore(uri[len("file://"):])
     if uri.startswith("s3://"):
@@ -459,11 +571,13 @@ def open_store(settings: Settings | None = None, uri: str | None = None) -> Stor
     raise StoreError(f"unsupported store URI {uri!r}: use file:///path or s3://bucket/prefix")
 
 
+def _transport(msg: str) -> StoreError:
+    """A StoreError for a request that got no answer from the store (counts toward its breaker)."""
+    err = StoreError(msg)
+    err.transport = True
+    return err
+
+
 def _clean(e: BaseException) -> str:
-    """An exception's message with anything that looks like a credential removed."""
-    msg = str(e)
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        secret = os.environ.get(var)
-        if secret:
-            msg = msg.replace(secret, "****")
-    return msg
+    """An exception's message with credentials masked: URI userinfo and the AWS chain's secrets."""
+    return redact(str(e))
