@@ -118,7 +118,7 @@ def test_a_pickled_payload_in_the_store_is_refused(local_settings, tmp_path):
     buf = io.BytesIO()
     torch.save({"embed.weight": _Payload(str(marker))}, buf)
     store.write_bytes(layout.model_prefix("evil-cnn") + "model.pt", buf.getvalue())
-    write_card(store, layout.model_prefix("evil-cnn"), {**card, "checksum": "tampered"})
+    write_card(store, layout.model_prefix("evil-cnn"), {**card, "checksum": "0" * 16})  # a new checksum: not the cached backbone
     with pytest.raises(Exception) as e:
         load_backbone(store, "evil-cnn")
     assert "Weights only load failed" in str(e.value) or "weights_only" in str(e.value)
