@@ -22,6 +22,10 @@ def snapshot(store, prefixes):
     return {i.key: store.read_bytes(i.key) for p in prefixes for i in store.list(p)}
 
 
+def snapshot_of(snap, *prefixes):
+    return {k: v for k, v in snap.items() if k.startswith(prefixes)}
+
+
 def fail_writes(monkeypatch, match):
     """Every LocalStore write of a key containing `match` fails as on a full disk (nothing lands)."""
     real = LocalStore.write_bytes
@@ -53,6 +57,7 @@ def test_failed_forced_rewrites_keep_committed_work_and_refresh_refuses_to_shrin
         fail_writes(m, "features/digits/")
         s = extract_features("digits", "test-cnn", force=True, settings=cfg)
         assert (len(s["failed"]), s["done"]) == (3, 0)
+        assert snapshot(store, ["features/", "_manifests/extract/"]) == snapshot_of(committed, "features/", "_manifests/extract/")
         fail_writes(m, "codes/digits/")
         [s] = encode("digits", "test-cnn", [coder], shards="0:2", force=True, settings=cfg)
         assert (len(s["failed"]), s["done"]) == (2, 0)
