@@ -34,6 +34,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
     """Publish a new version of index `name` with the shards added (or changed/removed) since its
     CURRENT version. Returns a summary with status 'published', 'up-to-date' or (full rebuild path)
     what `build_index` returned; 'attempts' counts lost races + 1."""
+    layout.check_name("index", name)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)

@@ -27,6 +27,14 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def check_names(**names: str | list[str] | None) -> None:
+    """check_name for each keyword (kind=name, or kind=[names]); None is skipped:
+    `check_names(dataset=d, model=m, coder=coder_ids)`."""
+    for kind, value in names.items():
+        for name in ([] if value is None else [value] if isinstance(value, str) else value):
+            check_name(kind, name)
+
+
 def artifact_key(*parts: str) -> str:
     """A Prefect artifact key (lowercase letters, digits, '-') for `parts` joined by '-'. Other
     characters become '-', and a short hash of the original is appended when any was replaced, so
@@ -127,9 +135,21 @@ def import_claim_key(dataset: str, part: int) -> str:
     return f"{import_claims_prefix(dataset)}part-{part:05d}.json"
 
 
+def import_claim_part(key: str) -> int:
+    """Part number of a claim key ('…/parts/part-00042.json' -> 42)."""
+    m = re.search(r"part-(\d{5,})\.json$", key)
+    if not m:
+        raise ValueError(f"not a part claim key: {key!r}")
+    return int(m.group(1))
+
+
+def import_shards_prefix(dataset: str, uri: str) -> str:
+    return f"_imports/{dataset}/shards/{source_id(uri)}/"
+
+
 def import_shard_key(dataset: str, uri: str, key: str) -> str:
     """Which part source shard `key` of source `uri` lands in (created once, never moved)."""
-    return f"_imports/{dataset}/shards/{source_id(uri)}/{key}.json"
+    return f"{import_shards_prefix(dataset, uri)}{key}.json"
 
 
 def import_splits_key(dataset: str, uri: str) -> str:
