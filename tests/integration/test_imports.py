@@ -46,19 +46,31 @@ def raw_ids(store, dataset: str) -> dict[int, list[int]]:
     return out
 
 
+def _stores(settings, a_uri: str, b_uri: str):
+    return (open_store(settings), open_store(settings, uri=a_uri), open_store(settings, uri=b_uri),
+            a_uri, b_uri, settings_dict(settings))
+
+
 @pytest.fixture
 def stores(local_settings, tmp_path):
     """(destination store, source store A, source store B, their URIs, flow settings)."""
-    a_uri, b_uri = f"file://{tmp_path / 'src-a'}", f"file://{tmp_path / 'src-b'}"
-    return (open_store(local_settings), open_store(local_settings, uri=a_uri), open_store(local_settings, uri=b_uri),
-            a_uri, b_uri, settings_dict(local_settings))
+    return _stores(local_settings, f"file://{tmp_path / 'src-a'}", f"file://{tmp_path / 'src-b'}")
 
 
-def test_second_import_appends_and_reimport_keeps_parts(prefect_server, stores):
+@pytest.fixture(params=["local", "s3"])
+def both_stores(request, tmp_path):
+    """`stores` on a local folder and on SeaweedFS (sources beside the store, in the same bucket)."""
+    settings = request.getfixturevalue(f"{request.param}_settings")
+    if request.param == "local":
+        return _stores(settings, f"file://{tmp_path / 'src-a'}", f"file://{tmp_path / 'src-b'}")
+    return _stores(settings, f"{settings.store}-src-a", f"{settings.store}-src-b")
+
+
+def test_second_import_appends_and_reimport_keeps_parts(prefect_server, both_stores):
     """#15 item 2: `ingest dup --from A` (3 shards, ids 0..299) then `--from B` (2 shards, ids
     1000..1199) keeps every id (the old code left 1000..1199 and 200..299). Re-importing A skips
     its unchanged shards, redoes a changed one into the same part, appends a new one."""
-    store, a, b, a_uri, b_uri, cfg = stores
+    store, a, b, a_uri, b_uri, cfg = both_stores
     for i in range(3):
         put(a, f"part-{i:05d}.parquet", shard(range(100 * i, 100 * i + 100)))
     for i in range(2):
@@ -83,10 +95,10 @@ def test_second_import_appends_and_reimport_keeps_parts(prefect_server, stores):
     assert (s4["shards"], s4["skipped"], s4["done"]) == (6, 6, 0)
 
 
-def test_two_imports_at_once_do_not_collide(prefect_server, stores):
+def test_two_imports_at_once_do_not_collide(prefect_server, both_stores):
     """#15 item 2: two imports of different sources into one dataset at the same time both land
     whole (the old code numbered both from part 0: one source's rows were lost)."""
-    store, a, b, a_uri, b_uri, cfg = stores
+    store, a, b, a_uri, b_uri, cfg = both_stores
     for i in range(3):
         put(a, f"part-{i:05d}.parquet", shard(range(100 * i, 100 * i + 100)))
         put(b, f"part-{i:05d}.parquet", shard(range(5000 + 100 * i, 5100 + 100 * i)))
@@ -221,3 +233,13 @@ def test_imported_dataset_runs_the_pipeline_and_a_new_source_shard_goes_through_
     assert second["extract"]["rows_written"] == len(ds) - 1500
     assert second["indexes"][0]["version"] > first["indexes"][0]["version"]
     assert covers(second, len(ds)) and not covers(first, len(ds))
+
+
+def test_raw_shards_with_no_recorded_source_are_reported_as_there(prefect_server, stores):
+    """A dataset whose raw shards were put in the store some other way: `ingest <dataset>` (as the
+    pipeline calls it) reports them skipped instead of 'unknown dataset'."""
+    store, *_, cfg = stores
+    put(store, layout.raw_key("handmade", 0), shard(range(40)))
+    put(store, layout.raw_key("handmade", 1), shard(range(40, 70)))
+    s = ingest("handmade", settings=cfg)
+    assert (s["shards"], s["skipped"], s["done"], s["rows"]) == (2, 2, 0, 70)
