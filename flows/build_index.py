@@ -10,7 +10,6 @@ that is N x bytes per item whatever the batching) plus one partial and the seria
 from __future__ import annotations
 
 import collections
-import re
 import time
 from typing import Any
 
@@ -53,6 +52,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     and returns status 'superseded' (run `codeshard index refresh` to add anything newer).
     Returns a small summary: status, version, uri, n, index_type, recall_at_10, p50/p99 ms, seconds.
     """
+    layout.check_names(dataset=dataset, coder=coder_id)  # the index name once its default is known, below
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
@@ -60,7 +60,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     budget = ix.parse_bytes(memory_budget)
     coder, card = load_coder(store, coder_id)
     bits = resolve_bits(coder, bits)
-    name = name or default_index_name(dataset, coder_id, bits)
+    name = layout.check_name("index", name or default_index_name(dataset, coder_id, bits))
     prefix = layout.codes_prefix(dataset, coder_id)
     refs = select_shards(store.list(prefix))
     if not refs:
@@ -205,5 +205,5 @@ def _artifact(name: str, b: dict[str, Any]) -> None:
             ("recall@10", f"{ev.get('recall_at_10')} ({ev.get('queries')} queries from {ev.get('query_source')})"),
             ("latency", f"p50 {ev.get('p50_ms')} ms, p99 {ev.get('p99_ms')} ms per query")]
     md = "\n".join([f"### index `{name}`", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
-    create_markdown_artifact(markdown=md, key="index-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-"),
+    create_markdown_artifact(markdown=md, key=layout.artifact_key("index", name),
                              description=f"index {name} v{b['version']}")

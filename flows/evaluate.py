@@ -26,6 +26,7 @@ def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits
     Writes reports/<dataset>/<run_id>/ (CSV, markdown, PNG) and table + markdown artifacts.
     The default run id is a hash of (features, methods, bits, R): an identical evaluation that was
     already reported is read back instead of recomputed, unless `force`."""
+    layout.check_names(dataset=dataset, model=model_id)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
@@ -50,7 +51,7 @@ def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits
     rows.sort(key=lambda r: (order[r["method"]], r["bits"]))
     title = f"{dataset} / {model_id}: mAP@{'all' if R is None else R}, query vs database"
     uris = write_report(store, dataset, run_id, rows, title)
-    create_table_artifact(table=rows, key=f"eval-{dataset}-{model_id}".lower(), description=title)
+    create_table_artifact(table=rows, key=layout.artifact_key("eval", dataset, model_id), description=title)
     create_markdown_artifact(markdown=f"## {title}\n\n{to_markdown(rows)}\n\nPlot: {uris['map_vs_bits.png']}",
-                             key=f"eval-md-{dataset}-{model_id}".lower(), description=title)
+                             key=layout.artifact_key("eval-md", dataset, model_id), description=title)
     return {"run_id": run_id, "rows": rows, "report": uris}

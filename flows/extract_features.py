@@ -23,6 +23,7 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
     `model_id`. Done shards are skipped unless `force` (without starting their task when nothing changed since:
     tasks/caching.py); bad shards, and shards repeating ids of an earlier part, are quarantined and
     the run goes on."""
+    layout.check_names(dataset=dataset, model=model_id)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
@@ -38,5 +39,5 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
     outcomes = check_ids_across_shards(cfg, dataset, model_id, gather(futures, "extract"))
     summary = summarize("extract", outcomes)
     summary["model_id"] = model_id
-    publish_summary(summary, key=f"extract-{dataset}-{model_id}".lower())
+    publish_summary(summary, key=layout.artifact_key("extract", dataset, model_id))
     return summary

@@ -23,6 +23,7 @@ def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = N
                  params: dict[str, dict[str, Any]] | None = None, force: bool = False,
                  settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Fit and register one coder per {method: bits}; returns their cards (small dicts)."""
+    layout.check_names(dataset=dataset, model=model_id)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     methods = methods or DEFAULT_METHODS
@@ -39,6 +40,7 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
            force: bool = False, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Encode features/<dataset>/<model_id>/ shards (in `shards`: '120:180' or '0:3,7') with each
     registered coder; done shards are skipped (cached: tasks/caching.py) unless `force`."""
+    layout.check_names(dataset=dataset, model=model_id, coder=coder_ids)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)
@@ -51,7 +53,7 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
                                      force=force)
         s = summarize("encode", gather(futures, f"encode {coder_id}"))
         s["coder_id"] = coder_id
-        publish_summary(s, key=f"encode-{dataset}-{coder_id}".lower().replace(".", "-"))
+        publish_summary(s, key=layout.artifact_key("encode", dataset, coder_id))
         summaries.append(s)
     return summaries
 

@@ -36,6 +36,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
     what `build_index` returned; 'attempts' counts lost races + 1. Code shards that disappeared
     since CURRENT stop the refresh (nothing published) unless `allow_removal` states why; the
     reason goes into build.json ('removal_reason')."""
+    layout.check_name("index", name)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     store = open_store(cfg)

@@ -5,6 +5,7 @@ from typing import Any
 
 from prefect import flow
 
+from infra import layout
 from infra.settings import Settings
 from tasks.train import train_backbone as train_backbone_task
 
@@ -16,6 +17,7 @@ def train_backbone(dataset: str, arch: str = "small-cnn", model_id: str | None =
     """Register models/<model_id>/ (default id '<dataset>-<arch>'); skipped when it exists."""
     cfg = Settings.load(**(settings or {}))
     model_id = model_id or f"{dataset}-{arch}"
+    layout.check_names(dataset=dataset, model=model_id)
     card = train_backbone_task(cfg, dataset, arch, model_id, epochs=epochs, classes=classes, force=force)
     print(f"model {model_id}: {card['arch']}, val accuracy {card.get('val_accuracy', float('nan')):.4f}")
     return card

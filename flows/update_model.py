@@ -6,6 +6,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from infra import layout
 from infra.settings import Settings
 from tasks.update import update_model_task
 
@@ -18,6 +19,7 @@ def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method
     """Train, measure M(old,old) / M(new,new) / M(new,old) on floats and on DRQ codes, register the
     new model, and move the query-model pointer only if M(new,old) > M(old,old) < M(new,new)
     (and the negative flip rate <= `max_flip_rate`, when given)."""
+    layout.check_names(dataset=dataset, model=[old_model_id] + ([new_model_id] if new_model_id else []))
     cfg = Settings.load(**(settings or {}))
     new_model_id = new_model_id or f"{old_model_id}-{method}-{arch}"
     out = update_model_task(cfg, dataset, old_model_id, arch, method, new_model_id, epochs, bits,
@@ -31,7 +33,7 @@ def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method
     for b, rep in out["compat_codes"].items():
         lines += [f"- DRQ {b} bits: " + ", ".join(f"{c} {v:.4f}" for c, v in rep["map"].items())
                   + f" — {rep['gate_reason']}"]
-    create_markdown_artifact(markdown="\n".join(lines), key=f"update-{dataset}-{method}".lower(),
+    create_markdown_artifact(markdown="\n".join(lines), key=layout.artifact_key("update", dataset, method),
                              description=out["gate_reason"])
     print("\n".join(lines))
     return out

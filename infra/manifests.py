@@ -88,17 +88,21 @@ def partition_dates(store: Store, dataset: str, refs: Sequence[Any]) -> dict[int
 
 
 def quarantine_shard(store: Store, stage: str, key: str, reason: str, input_checksum: str,
-                     source: Store | None = None, code_version: str | None = None) -> str:
-    """Copy a bad shard to `_quarantine/<stage>/<key>` with its reason; returns the quarantine key.
-    The reason file is written last and names the input checksum (and the code version that
-    refused it), so a rerun can skip it. `source` is the store holding `key` when it is not `store`."""
-    qkey = layout.quarantine_key(stage, key)
+                     source: Store | None = None, code_version: str | None = None,
+                     name: str | None = None) -> str:
+    """Copy a bad shard to `_quarantine/<stage>/<name>` (`name` defaults to `key`) with its reason;
+    returns the quarantine key. The reason file is written last and names the input checksum (and
+    the code version that refused it), so a rerun can skip it. `source` is the store holding `key`
+    when it is not `store`; imports pass a `name` holding dataset and source, so two imports'
+    shards of the same relative key never share a record."""
+    qkey = layout.quarantine_key(stage, name or key)
+    src = source or store
     try:
-        store.write_bytes(qkey, (source or store).read_bytes(key))
+        store.write_bytes(qkey, src.read_bytes(key))
     except StoreError:
         pass  # unreadable source: the reason file still records it
-    record = {"stage": stage, "key": key, "reason": reason, "input_checksum": input_checksum,
-              "code_version": code_version, "quarantined_at": time.time()}
+    record = {"stage": stage, "key": name or key, "input": src.uri_of(key), "reason": reason,
+              "input_checksum": input_checksum, "code_version": code_version, "quarantined_at": time.time()}
     store.write_bytes(qkey + ".reason.json", json.dumps(record, sort_keys=True).encode())
     return qkey
 

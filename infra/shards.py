@@ -152,10 +152,33 @@ def validate_raw(key: str, table: pa.Table) -> None:
         raise ShardInvalid(key, f"needs an 'image' or 'text' column (has {sorted(names)})")
     check_raw_types(key, table.schema, [n for n in RAW_FIELDS if n in names])
     _check_ids(key, table)
+    # a null label would read as class -2**63 (and join training and mAP), a null split as
+    # 'database': refuse the shard instead of guessing
+    for name, fix in (("label", "every row needs a class label"),
+                      ("split", f"give every row one of {SPLITS}, or drop the column to have splits assigned")):
+        if name in names and table.column(name).null_count:
+            col = table.column(name)
+            first = table.column("id").filter(col.is_null()).to_pylist()[0]
+            raise ShardInvalid(key, f"{col.null_count} null {name}s (first id {first}): {fix}")
     if "split" in names:
         bad = set(pc.unique(table.column("split").drop_null()).to_pylist()) - set(SPLITS)
         if bad:
             raise ShardInvalid(key, f"unknown split values {sorted(bad)[:5]} (allowed {SPLITS})")
+
+
+def normalise_raw(key: str, table: pa.Table) -> pa.Table:
+    """The raw-schema columns of a validated table, each cast to its RAW_FIELDS type (other columns
+    dropped). A value the type cannot hold (a uint64 id above 2**63-1, a label past int32) raises
+    ShardInvalid naming the column: bad data, never retried. Cost: one copy of cast columns."""
+    cols = {}
+    for name in table.column_names:
+        if name in RAW_FIELDS:
+            try:
+                cols[name] = table.column(name).cast(RAW_FIELDS[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+                raise ShardInvalid(key, f"column {name!r} ({table.schema.field(name).type}) has a value "
+                                        f"{RAW_FIELDS[name]} cannot hold ({type(e).__name__}: {e})") from None
+    return pa.table(cols)
 
 
 def check_raw_types(key: str, schema: pa.Schema, columns: Sequence[str]) -> None:

@@ -37,6 +37,28 @@ def features_fingerprint(store: Store, dataset: str, model_id: str) -> str:
     return h.hexdigest()[:16]
 
 
+def features_etags(store: Store, dataset: str, model_id: str) -> dict[str, str]:
+    """{features shard key: ETag} of (dataset, model_id). One LIST."""
+    return {i.key: i.etag for i in store.list(layout.features_prefix(dataset, model_id))}
+
+
+def coder_fits_features(store: Store, dataset: str, model_id: str, card: dict[str, Any]) -> bool:
+    """A registered coder still fits the features when every shard it was trained on is unchanged
+    and no shard added since holds a train or val row (new gallery items are encoded with it, not
+    trained on). Cost: one LIST, then the `split` column of the raw shards added since training."""
+    trained = card.get("features_etags")
+    if trained is None:  # a card from before features_etags: any change to the shards retrains
+        return card.get("features_fingerprint") == features_fingerprint(store, dataset, model_id)
+    now = features_etags(store, dataset, model_id)
+    if any(now.get(k) != e for k, e in trained.items()):
+        return False
+    for key in sorted(now.keys() - trained.keys()):
+        split = read_table(store, layout.raw_key(dataset, layout.part_of(key)), columns=["split"]).column("split")
+        if any(s in ("train", "val") for s in split.unique().to_pylist()):
+            return False
+    return True
+
+
 def val_metrics(coder, val, gallery) -> dict[str, float]:
     """mAP (R=all) of `val` queries against the train gallery at every length the coder makes.
     Used for the card and for selection; the query split is never touched."""
@@ -54,20 +76,22 @@ def val_metrics(coder, val, gallery) -> dict[str, float]:
 def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bits: int,
                 params: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
     """Fit `method` at `bits` on the train split of (dataset, model_id) features, selecting on val;
-    register coders/<coder_id>/. Skipped when a coder for the same features exists. Returns its card."""
+    register coders/<coder_id>/. Skipped when the registered coder still fits the features
+    (coder_fits_features: new shards without train/val rows do not retrain it). Returns its card."""
     from encoders.coders import make_coder
 
     store = open_store(settings)
     coder_id = coder_id_for(method, bits, model_id)
-    fp = features_fingerprint(store, dataset, model_id)
     if not force:
         try:
             card = coder_card(store, coder_id)
-            if card.get("features_fingerprint") == fp:
+            if coder_fits_features(store, dataset, model_id, card):
                 logger().info("coder %s exists for these features: skipped", coder_id)
                 return card
         except RegistryError:
             pass
+    etags = features_etags(store, dataset, model_id)  # listed before reading: a shard added meanwhile counts as new
+    fp = features_fingerprint(store, dataset, model_id)
     data = load_features(store, dataset, model_id, splits=("train", "val"))
     coder = make_coder(method, bits=bits, seed=settings.seed, **(params or {}))
     t0 = time.perf_counter()
@@ -78,7 +102,7 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
     card = {"dataset": dataset, "model_id": model_id, "bits": bits, "lengths": list(coder.lengths),
             "symmetric": coder.symmetric, "bytes_per_item": coder.bytes_per_item(),
             "config": coder.config_dict(), "fit_s": fit_s, "fit_report": dict(report.val_metrics),
-            "val": metrics, "features_fingerprint": fp, "train_rows": len(data["train"])}
+            "val": metrics, "features_fingerprint": fp, "features_etags": etags, "train_rows": len(data["train"])}
     return register_coder(store, coder_id, coder.state(), card)
 
 

@@ -11,7 +11,7 @@ from infra.features import load_features
 from infra.registry import RegistryError, coder_card, load_coder
 from infra.settings import Settings
 from infra.store import open_store
-from tasks.codes import coder_id_for, features_fingerprint
+from tasks.codes import coder_fits_features, coder_id_for
 from tasks.stage import logger
 
 
@@ -33,7 +33,7 @@ def evaluate_method(settings: Settings, dataset: str, model_id: str, variant: st
         cid = coder_id_for("drq", max(bits), model_id)
         try:
             card = coder_card(store, cid)
-            if card.get("features_fingerprint") == features_fingerprint(store, dataset, model_id):
+            if coder_fits_features(store, dataset, model_id, card):
                 fitted, _ = load_coder(store, cid)
                 fitted_s = card.get("fit_s")
                 logger().info("evaluate drq: reusing registered coder %s", cid)

@@ -16,8 +16,8 @@ from infra import datasets, layout
 from infra.manifests import Manifest, done_manifest, write_manifest
 from infra.planner import ShardRef
 from infra.settings import Settings
-from infra.shards import RAW_FIELDS, features_table, read_table, validate_features, validate_raw, write_table
-from infra.store import open_store
+from infra.shards import features_table, normalise_raw, read_table, validate_features, validate_raw, write_table
+from infra.store import StoreError, open_store
 from tasks.stage import is_store_error, logger, run_shard_stage
 
 LOADERS = {
@@ -157,39 +157,39 @@ def ingest_shard(settings: Settings, dataset: str, part: int, start: int, stop: 
 
 @task(name="import_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error, tags=["io"])
-def import_shard(settings: Settings, dataset: str, source_uri: str, ref: ShardRef, part: int,
+def import_shard(settings: Settings, dataset: str, source_uri: str, ref: ShardRef,
                  splits_key: str | None, force: bool = False, date: str | None = None) -> dict[str, Any]:
-    """Validate one external raw shard and publish it as raw/<dataset>/part-<part>.parquet,
-    adding the split column from `splits_key` when the source has none; its manifest records
-    partition `date`. Bad shards are quarantined."""
+    """Validate one external raw shard (`ref.key` under `source_uri`) and publish it as
+    raw/<dataset>/part-<ref.part>.parquet (the part infra.imports assigned it), adding the split
+    column from `splits_key` when the source has none; its manifest records partition `date`.
+    Bad shards (wrong types, values the raw schema cannot hold, null ids/labels/splits) are
+    quarantined under the dataset and source. Cost: one read and one write of the shard."""
     store = open_store(settings)
     source = open_store(settings, uri=source_uri)
 
     def work():
         table = read_table(source, ref.key)
         validate_raw(ref.key, table)
-        table = _normalise_raw(table)
+        table = normalise_raw(ref.key, table)
         if "split" not in table.column_names and splits_key:
-            table = table.append_column("split", _splits_for(store, splits_key, table.column("id")))
+            table = table.append_column("split", _splits_for(store, splits_key, ref.key, table.column("id")))
         return table, {"source": source.uri_of(ref.key), **({"date": date} if date else {})}
 
-    # Manifests and quarantine records live in the destination store, keyed by the source key.
-    outcome = run_shard_stage(store, stage="import", dataset=dataset, output_id="-",
-                              ref=ShardRef(ref.key, part, ref.checksum, ref.size),
-                              output_key=layout.raw_key(dataset, part), code_version=INGEST_VERSION,
-                              force=force, work=work, input_store=source)
+    # Manifests live in the destination store, one per part (parts are unique across sources).
+    outcome = run_shard_stage(store, stage="import", dataset=dataset, output_id="-", ref=ref,
+                              output_key=layout.raw_key(dataset, ref.part), code_version=INGEST_VERSION,
+                              force=force, work=work, input_store=source,
+                              quarantine_name=layout.import_quarantine_name(dataset, source_uri, ref.key))
     return outcome.as_dict()
 
 
-def _normalise_raw(table: pa.Table) -> pa.Table:
-    cols = {}
-    for name in table.column_names:
-        if name in RAW_FIELDS:
-            cols[name] = table.column(name).cast(RAW_FIELDS[name])
-    return pa.table(cols)
-
-
-def _splits_for(store, splits_key: str, ids: pa.ChunkedArray) -> pa.Array:
+def _splits_for(store, splits_key: str, key: str, ids: pa.ChunkedArray) -> pa.Array:
+    """The planned split of each id. An id missing from the plan means the shard changed since
+    planning: a store-level race (retried, then failed: the rerun plans again), not bad data."""
     mapping = read_table(store, splits_key)
     lookup = dict(zip(mapping.column("id").to_pylist(), mapping.column("split").to_pylist()))
-    return pa.array([lookup.get(i, "database") for i in ids.to_pylist()], pa.string())
+    missing = [i for i in ids.to_pylist() if i not in lookup]
+    if missing:
+        raise StoreError(f"{key}: id {missing[0]} (and {len(missing) - 1} more) not in the split plan "
+                         f"{store.uri_of(splits_key)}: the shard changed since planning; rerun the import")
+    return pa.array([lookup[i] for i in ids.to_pylist()], pa.string())

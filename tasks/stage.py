@@ -51,12 +51,13 @@ def logger():
 def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, ref: ShardRef,
                     output_key: str, code_version: str, force: bool,
                     work: Callable[[], tuple[pa.Table, dict[str, Any]]],
-                    input_store: Store | None = None) -> ShardOutcome:
+                    input_store: Store | None = None, quarantine_name: str | None = None) -> ShardOutcome:
     """Run `work()` for one shard unless a manifest proves it done; quarantine on ShardInvalid.
 
     `ref.checksum` is re-read from the store (head) so a shard replaced since planning is redone.
     Store errors propagate (the task's retries handle them); nothing partial becomes visible.
-    `input_store` holds the input shard when it is not `store` (imports from another location).
+    `input_store` holds the input shard when it is not `store` (imports from another location);
+    `quarantine_name` (default `ref.key`) names its quarantine record.
     """
     log = logger()
     input_store = input_store or store
@@ -70,7 +71,7 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
         if m is not None:
             log.info("%s %s part %d: skipped (done, %d rows)", stage, dataset, ref.part, m.rows)
             return skipped_outcome(store, m)
-        reason = quarantine_reason(store, stage, ref.key, checksum, code_version)
+        reason = quarantine_reason(store, stage, quarantine_name or ref.key, checksum, code_version)
         if reason is not None:
             log.warning("%s %s: still quarantined: %s", stage, ref.key, reason)
             return ShardOutcome(stage, ref.part, "quarantined", reason=reason)
@@ -79,7 +80,7 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
         table, stats = work()
     except ShardInvalid as e:
         qkey = quarantine_shard(store, stage, ref.key, e.reason, checksum, source=input_store,
-                                code_version=code_version)
+                                code_version=code_version, name=quarantine_name)
         log.error("%s %s: QUARANTINED (%s) -> %s", stage, ref.key, e.reason, store.uri_of(qkey))
         return ShardOutcome(stage, ref.part, "quarantined", reason=e.reason)
     prior = committed_before(store, mkey) if force else None
@@ -226,12 +227,16 @@ def _output_ids(store: Store, key: str):
 
 
 def is_store_error(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry transient store failures, never bad input, nor a store
-    whose breaker is open (StoreUnavailable: the run fails fast instead of retrying every shard)."""
+    """Prefect retry_condition_fn: retry transport failures only (StoreError, OSError: connection,
+    timeout), never bad input (ShardInvalid), a store whose breaker is open (StoreUnavailable: the
+    run fails fast instead of retrying every shard), or a bad value (ArrowInvalid, ValueError,
+    OverflowError …), which would fail the same way on every try."""
     try:
         state.result()
     except (ShardInvalid, StoreUnavailable):
         return False
-    except Exception:
+    except (StoreError, OSError):
         return True
+    except Exception:
+        return False
     return False

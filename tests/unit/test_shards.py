@@ -7,7 +7,7 @@ import pytest
 
 from infra.manifests import Manifest, done_manifest, list_quarantine, quarantine_reason, quarantine_shard, write_manifest
 from infra.shards import (ShardInvalid, codes_matrix, codes_table, features_matrix, features_table, read_table,
-                          validate_codes, validate_features, validate_raw, write_table)
+                          normalise_raw, validate_codes, validate_features, validate_raw, write_table)
 from infra.store import open_store
 
 
@@ -28,6 +28,8 @@ def test_valid_raw_passes():
     (raw(id=pa.array(["a", "b", "c"])), "column 'id' has type string"),
     (raw(split=pa.array(["train", "nope", "val"])), "unknown split"),
     (raw().slice(0, 0), "empty shard"),
+    (raw(label=pa.array([0, None, 1], pa.int32())), r"1 null labels \(first id 2\): every row needs a class label"),
+    (raw(split=pa.array(["train", None, "val"])), r"1 null splits \(first id 2\)"),
 ])
 def test_bad_raw(table, match):
     with pytest.raises(ShardInvalid, match=match):
@@ -81,3 +83,34 @@ def test_manifest_done_and_quarantine(local_settings):
     assert quarantine_reason(st, "extract", "raw/d/part-00001.parquet", "c1") == "not parquet"
     assert quarantine_reason(st, "extract", "raw/d/part-00001.parquet", "c2") is None
     assert [r["key"] for r in list_quarantine(st)] == ["raw/d/part-00001.parquet"]
+
+
+@pytest.mark.parametrize("table,match", [
+    (raw(id=pa.array([1, 2**63 + 5, 3], pa.uint64())), "column 'id' .uint64. has a value int64 cannot hold"),
+    (raw(label=pa.array([0, 2**40, 1], pa.int64())), "column 'label' .int64. has a value int32 cannot hold"),
+])
+def test_values_the_raw_schema_cannot_hold_are_bad_data(table, match):
+    """An out-of-range id or label is the shard's fault (ShardInvalid: quarantined, not retried as a
+    store fault the way a bare ArrowInvalid was)."""
+    validate_raw("src/part-00000.parquet", table)  # the types are integer: only the cast can tell
+    with pytest.raises(ShardInvalid, match=match):
+        normalise_raw("src/part-00000.parquet", table)
+
+
+def test_normalise_raw_casts_and_drops_extra_columns():
+    t = normalise_raw("k", raw(id=pa.array([1, 2, 3], pa.uint32()), label=pa.array([0, 1, 0], pa.int64()),
+                               extra=pa.array([1, 2, 3])))
+    assert t.schema.names == ["id", "image", "label"]
+    assert t.schema.field("id").type == pa.int64() and t.schema.field("label").type == pa.int32()
+
+
+def test_quarantine_under_a_name_keeps_two_sources_apart(local_settings):
+    """Two import sources with the same relative key get separate records (item 10)."""
+    st, a, b = (open_store(local_settings, uri=f"{local_settings.store}/{d}") for d in ("dst", "a", "b"))
+    a.write_bytes("part-00000.parquet", b"A")
+    b.write_bytes("part-00000.parquet", b"B")
+    qa = quarantine_shard(st, "import", "part-00000.parquet", "bad A", "ca", source=a, name="ds1/sa/part-00000.parquet")
+    qb = quarantine_shard(st, "import", "part-00000.parquet", "bad B", "cb", source=b, name="ds2/sb/part-00000.parquet")
+    assert (st.read_bytes(qa), st.read_bytes(qb)) == (b"A", b"B")
+    assert quarantine_reason(st, "import", "ds1/sa/part-00000.parquet", "ca") == "bad A"
+    assert quarantine_reason(st, "import", "ds2/sb/part-00000.parquet", "cb") == "bad B"
