@@ -13,6 +13,7 @@ from infra import layout
 from infra.manifests import partition_dates
 from infra.planner import parse_date_range, parse_shard_ranges, parts_spec, select_by_date, select_shards
 from infra.registry import RegistryError, coder_card
+from infra.runners import SettingsTaskRunner, shared_cluster
 from infra.settings import Settings
 from infra.store import open_store
 
@@ -41,7 +42,7 @@ def dataset_coders(store, dataset: str, model_id: str) -> list[str]:
     return sorted(out)
 
 
-@flow(name="backfill", log_prints=True)
+@flow(name="backfill", log_prints=True, task_runner=SettingsTaskRunner())
 def backfill(dataset: str, model_id: str, shards: str | None = None, dates: str | None = None,
              stages: list[str] | None = None, coder_ids: list[str] | None = None, force: bool = False,
              settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -67,14 +68,16 @@ def backfill(dataset: str, model_id: str, shards: str | None = None, dates: str 
         if not parts:
             return out
         shards = out["shards"] = parts_spec(parts)
-    if "extract" in stages:
-        out["extract"] = extract_features(dataset, model_id, shards=shards, force=force, settings=settings)
-    if "codes" in stages:
-        coder_ids = coder_ids or dataset_coders(store, dataset, model_id)
-        if not coder_ids:
-            log.warning("no registered coders for %s/%s: codes stage has nothing to do", dataset, model_id)
-        out["codes"] = encode(dataset, model_id, coder_ids, shards=shards, force=force,
-                              settings=settings) if coder_ids else []
-    if "index" in stages:
-        out["index"] = [refresh_index(name, settings=settings) for name in dataset_indexes(store, dataset)]
+    with shared_cluster(settings) as stage_settings:  # one Dask cluster for every stage
+        if "extract" in stages:
+            out["extract"] = extract_features(dataset, model_id, shards=shards, force=force,
+                                              settings=stage_settings)
+        if "codes" in stages:
+            coder_ids = coder_ids or dataset_coders(store, dataset, model_id)
+            if not coder_ids:
+                log.warning("no registered coders for %s/%s: codes stage has nothing to do", dataset, model_id)
+            out["codes"] = encode(dataset, model_id, coder_ids, shards=shards, force=force,
+                                  settings=stage_settings) if coder_ids else []
+        if "index" in stages:
+            out["index"] = [refresh_index(name, settings=stage_settings) for name in dataset_indexes(store, dataset)]
     return out

@@ -21,6 +21,7 @@ from infra import indexes as ix
 from infra import layout
 from infra.planner import ShardRef, batch_shards, select_shards
 from infra.registry import load_coder
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import PreconditionFailed, Store, open_store
 from tasks.index import count_rows, evaluate_version, index_batch, merge_index, train_index
@@ -37,15 +38,16 @@ def resolve_bits(coder: Any, bits: int | None) -> int:
     return int(bits)
 
 
-def default_index_name(dataset: str, coder_id: str, bits: int) -> str:
-    return f"{dataset}-{coder_id}-{bits}b"
-
-
-@flow(name="build-index", log_prints=True)
+@flow(name="build-index", log_prints=True, task_runner=SettingsTaskRunner())
 def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str | None = None,
                 memory_budget: str | int = "2GB", force: bool = False, shards_per_task: int | None = None,
-                index_type: str | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                index_type: str | None = None, exclude_split: str | None = None,
+                settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build and publish index `name` over codes/<dataset>/<coder_id>/ at `bits` (default: full).
+
+    The index holds every stored item unless `exclude_split` names a raw split (e.g. 'query', the
+    evaluation's held-out queries) whose rows are left out: an explicit choice, recorded in
+    build.json ('exclude_split', 'excluded_rows') and logged, and kept by later refreshes.
 
     Skipped (status 'skipped') when CURRENT already covers exactly these shards with this coder and
     length, unless `force`. A build that loses the race for CURRENT to another writer is discarded
@@ -60,7 +62,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     budget = ix.parse_bytes(memory_budget)
     coder, card = load_coder(store, coder_id)
     bits = resolve_bits(coder, bits)
-    name = layout.check_name("index", name or default_index_name(dataset, coder_id, bits))
+    name = layout.check_name("index", name or layout.index_name(dataset, coder_id, bits))
     prefix = layout.codes_prefix(dataset, coder_id)
     refs = select_shards(store.list(prefix))
     if not refs:
@@ -69,7 +71,9 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     current = ix.read_current(store, name)
     if current is not None and not force:
         prev = ix.read_build(store, name, current.version)
-        same = (prev.get("coder_checksum"), prev.get("bits"), prev.get("dataset")) == (card["checksum"], bits, dataset)
+        # builds before 'exclude_split' was recorded left the query split out
+        same = ((prev.get("coder_checksum"), prev.get("bits"), prev.get("dataset"), prev.get("exclude_split", "query"))
+                == (card["checksum"], bits, dataset, exclude_split))
         if same and ix.plan_refresh(prev["inputs"] + prev.get("invalid", []), refs).empty:
             log.info("index %s v%d already covers these %d shards: skipped (force=True rebuilds)",
                      name, current.version, len(refs))
@@ -89,7 +93,8 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     meta = {"format": ix.FORMAT, "name": name, "mode": "build", "dataset": dataset, "coder_id": coder_id,
             "coder_checksum": card["checksum"], "method": card.get("method", coder.method),
             "model_id": card.get("model_id"), "bits": bits, "memory_budget": budget,
-            "index_type_requested": index_type, "based_on": None, "plan_s": time.perf_counter() - t0}
+            "index_type_requested": index_type, "exclude_split": exclude_split, "based_on": None,
+            "plan_s": time.perf_counter() - t0}
     return run_build(cfg, store, name, coder_id, bits, plan, batches, current, budget, meta)
 
 
@@ -111,7 +116,8 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
         trained, train_s = {"key": tr["key"], "checksum": tr["checksum"]}, tr["seconds"]
         staged.append(tr["key"].rsplit("/", 1)[0] + "/")
     t_add = time.perf_counter()
-    futures = [index_batch.submit(cfg, name, coder_id, bits, pd, b, trained) for b in batches]
+    futures = [index_batch.submit(cfg, name, coder_id, bits, pd, b, trained, meta.get("exclude_split"))
+               for b in batches]
     partials, failures = [], []
     for b, f in zip(batches, futures):
         try:
@@ -137,6 +143,7 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
     build = {**meta, "build_id": build_id, "version": version,
              "plan": {**pd, "n": merged["n"], "memory_bytes": resident},
              "n": merged["n"], "removed_rows": merged["removed"], "duplicate_ids": merged["duplicates"],
+             "exclude_split": meta.get("exclude_split"),
              "index_bytes": merged["index_bytes"], "ids_bytes": merged["ids_bytes"],
              "inputs": sorted(inputs + [i for p in partials for i in p["inputs"]], key=lambda i: i["part"]),
              "invalid": sorted(invalid + [i for p in partials for i in p["invalid"]], key=lambda i: i["part"]),
@@ -148,6 +155,10 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
              "peak_rss_bytes": {"batch_tasks": max((p["peak_rss_bytes"] for p in partials), default=0),
                                 "merge": merged["peak_rss_bytes"]},
              "code_shards_read": dict(sorted(reads.items())), "trained": trained}
+    build["excluded_rows"] = sum(i.get("excluded", 0) for i in build["inputs"])
+    if build["exclude_split"]:
+        log.info("index %s: %d rows of split %r left out, as asked (exclude_split)", name, build["excluded_rows"],
+                 build["exclude_split"])
     build.pop("plan_s", None)
     try:
         full = evaluate_version.submit(cfg, name, version, build, eval_parts).result()
@@ -189,7 +200,9 @@ def summary(store: Store, name: str, build: dict[str, Any], status: str) -> dict
             "n": build["n"], "index_type": build["plan"]["index_type"], "bits": build["bits"],
             "recall_at_10": ev.get("recall_at_10"), "p50_ms": ev.get("p50_ms"), "p99_ms": ev.get("p99_ms"),
             "seconds": build.get("seconds"), "batches": build.get("batches"),
-            "code_shards_read": build.get("code_shards_read", {}), "based_on": build.get("based_on")}
+            "code_shards_read": build.get("code_shards_read", {}), "based_on": build.get("based_on"),
+            "excluded": {"split": build.get("exclude_split", "query"), "rows": build.get("excluded_rows")}
+            if build.get("exclude_split", "query") else None}
 
 
 def _artifact(name: str, b: dict[str, Any]) -> None:

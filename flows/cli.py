@@ -38,12 +38,12 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_flow(flow_obj, args: argparse.Namespace, **params: Any) -> Any:
-    """Call a flow with the settings from flags, on the runner they select."""
-    from infra.runners import task_runner
+    """Call a flow with the settings from flags; each flow runs its tasks on the runner they select
+    (infra/runners.py SettingsTaskRunner)."""
     from infra.settings import Settings
 
-    cfg = Settings.load(**overrides(args))
-    return flow_obj.with_options(task_runner=task_runner(cfg))(settings=overrides(args), **params)
+    Settings.load(**overrides(args))  # bad settings fail here, before a Prefect server starts
+    return flow_obj(settings=overrides(args), **params)
 
 
 # -- commands ---------------------------------------------------------------------------------

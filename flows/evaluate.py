@@ -12,13 +12,14 @@ from encoders.evaluation import BASELINES
 from flows.limits import ensure_heavy_limit
 from infra import layout
 from infra.reports import read_csv_rows, to_markdown, write_report
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import open_store
 from tasks.codes import features_fingerprint
 from tasks.evaluate import evaluate_method
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, task_runner=SettingsTaskRunner())
 def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits: list[int] | None = None,
              R: int | None = None, run_id: str | None = None, force: bool = False,
              settings: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,13 +10,14 @@ from flows.progress import gather, publish_summary, summarize
 from infra import layout
 from infra.planner import parse_shard_ranges, select_shards
 from infra.registry import model_card
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import open_store
 from flows.fanout import submit_shard_tasks
 from tasks.extract import check_ids_across_shards, extract_shard, extract_shards
 
 
-@flow(name="extract-features", log_prints=True)
+@flow(name="extract-features", log_prints=True, task_runner=SettingsTaskRunner())
 def extract_features(dataset: str, model_id: str, shards: str | None = None, force: bool = False,
                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract features for raw/<dataset>/ shards in `shards` ('120:180' or '0:3,7'; default all) with

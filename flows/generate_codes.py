@@ -9,6 +9,7 @@ from flows.limits import ensure_heavy_limit
 from flows.progress import gather, publish_summary, summarize
 from infra import layout
 from infra.planner import parse_shard_ranges, select_shards
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import open_store
 from flows.fanout import submit_shard_tasks
@@ -18,7 +19,7 @@ from tasks.codes import coder_id_for, encode_shard, encode_shards, train_coder
 DEFAULT_METHODS = {"drq": 64}
 
 
-@flow(name="train-coders", log_prints=True)
+@flow(name="train-coders", log_prints=True, task_runner=SettingsTaskRunner())
 def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = None,
                  params: dict[str, dict[str, Any]] | None = None, force: bool = False,
                  settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -35,7 +36,7 @@ def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = N
     return cards
 
 
-@flow(name="encode", log_prints=True)
+@flow(name="encode", log_prints=True, task_runner=SettingsTaskRunner())
 def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None = None,
            force: bool = False, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Encode features/<dataset>/<model_id>/ shards (in `shards`: '120:180' or '0:3,7') with each
@@ -58,7 +59,7 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
     return summaries
 
 
-@flow(name="generate-codes", log_prints=True)
+@flow(name="generate-codes", log_prints=True, task_runner=SettingsTaskRunner())
 def generate_codes(dataset: str, model_id: str, methods: dict[str, int] | None = None,
                    shards: str | None = None, force: bool = False,
                    settings: dict[str, Any] | None = None) -> dict[str, Any]:

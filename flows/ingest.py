@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from flows.progress import gather, publish_summary, summarize
 from infra import datasets, imports, layout
 from infra.planner import ShardRef, partition_date, parts_spec, row_slices, select_shards
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, normalise_raw, open_parquet, read_table, write_table
 from infra.store import Store, open_store
@@ -18,7 +19,7 @@ from tasks.ingest import (LOADERS, import_shard, ingest_shard, ingest_vector_sha
                           source_fingerprint, vector_fingerprint, vector_source)
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest", log_prints=True, task_runner=SettingsTaskRunner())
 def ingest(dataset: str, source: str | None = None, shard_rows: int | None = None, force: bool = False,
            settings: dict[str, Any] | None = None, limit: int | None = None,
            date: str | None = None) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from flows.generate_codes import encode, train_coders
 from flows.ingest import ingest
 from flows.train_backbone import train_backbone
 from infra.reports import to_markdown
+from infra import layout
+from infra.runners import SettingsTaskRunner, shared_cluster
 
 TEXT_DATASETS = {"wordnet": "minilm"}
 # Coders the pipeline trains and indexes: {method: longest bits}. DRQ gives every length <= 64.
@@ -24,23 +26,28 @@ DEFAULT_CODERS = {"drq": 64, "itq": 64, "pq": 64, "float": 0}
 DEFAULT_EVAL = ["lsh", "pca-rr", "itq", "pq", "opq", "drq", "drq-per-length", "llc", "float"]
 
 
-def index_name(dataset: str, coder_id: str, bits: int) -> str:
-    """'<dataset>-<coder_id>-<bits>b'; the float index is '<dataset>-<coder_id>' (one length)."""
-    return f"{dataset}-{coder_id}" if coder_id.startswith("float-") else f"{dataset}-{coder_id}-{bits}b"
-
-
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, task_runner=SettingsTaskRunner())
 def pipeline(dataset: str, model_id: str | None = None, arch: str = "small-cnn", epochs: int = 8,
              coders: dict[str, int] | None = None, bits: list[int] | None = None,
              evaluate_methods: list[str] | None = None, memory_budget: str = "2GB",
-             force: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every stage for `dataset`; returns the stage summaries, the evaluation rows and the
-    published index versions. Text datasets use the packaged MiniLM encoder (no backbone training)."""
-    log = get_run_logger()
-    coders = coders or DEFAULT_CODERS
-    bits = sorted(bits or [8, 16, 32, 64])
-    out: dict[str, Any] = {"dataset": dataset}
+             exclude_queries: bool = False, force: bool = False,
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every stage for `dataset` (packaged, or imported with `ingest --from`); returns the stage
+    summaries, the evaluation rows and the published index versions. Text datasets use the packaged
+    MiniLM encoder (no backbone training). Indexes hold every item unless `exclude_queries`, which
+    leaves the evaluation's query rows out of them (recorded in each build.json). With runner
+    'dask' and no address, all stages share one local cluster."""
+    layout.check_names(dataset=dataset, model=model_id)
+    with shared_cluster(settings) as stage_settings:
+        return _stages(dataset, model_id, arch, epochs, coders or DEFAULT_CODERS, sorted(bits or [8, 16, 32, 64]),
+                       evaluate_methods or DEFAULT_EVAL, memory_budget, exclude_queries, force, stage_settings)
 
+
+def _stages(dataset: str, model_id: str | None, arch: str, epochs: int, coders: dict[str, int], bits: list[int],
+            methods: list[str], memory_budget: str, exclude_queries: bool, force: bool,
+            settings: dict[str, Any] | None) -> dict[str, Any]:
+    log = get_run_logger()
+    out: dict[str, Any] = {"dataset": dataset}
     out["ingest"] = ingest(dataset, force=force, settings=settings)
     if model_id is None:
         if dataset in TEXT_DATASETS:
@@ -59,18 +66,20 @@ def pipeline(dataset: str, model_id: str | None = None, arch: str = "small-cnn",
     out["encode"] = encode(dataset, model_id, coder_ids, force=force, settings=settings)
 
     out["indexes"] = []
+    exclude_split = "query" if exclude_queries else None
     for card in cards:
         lengths = [b for b in card["lengths"] if b in bits] or [card["lengths"][-1]]
         for b in lengths:
-            name = index_name(dataset, card["coder_id"], b)
+            name = layout.index_name(dataset, card["coder_id"], b)
             res = build_index(dataset, card["coder_id"], b, name, memory_budget=memory_budget, force=force,
-                              settings=settings)
-            out["indexes"].append({"name": name, **{k: res.get(k) for k in ("version", "uri", "status", "recall_at_10")}})
+                              exclude_split=exclude_split, settings=settings)
+            out["indexes"].append({"name": name, **{k: res.get(k) for k in ("version", "uri", "status", "n",
+                                                                            "excluded")}})
 
-    ev = evaluate(dataset, model_id, evaluate_methods or DEFAULT_EVAL, bits, settings=settings)
+    ev = evaluate(dataset, model_id, methods, bits, settings=settings)
     out["evaluation"] = {"rows": ev["rows"], "report": ev["report"]}
     md = (f"# pipeline {dataset}\n\nmodel `{model_id}`\n\n## evaluation\n\n{to_markdown(ev['rows'])}\n\n"
           "## indexes\n\n" + "\n".join(f"- `{i['name']}`: v{i.get('version')} {i.get('uri')}" for i in out["indexes"]))
-    create_markdown_artifact(markdown=md, key=f"pipeline-{dataset}".lower(), description=f"pipeline {dataset}")
+    create_markdown_artifact(markdown=md, key=layout.artifact_key("pipeline", dataset), description=f"pipeline {dataset}")
     log.info("pipeline %s finished: %d indexes, report %s", dataset, len(out["indexes"]), ev["report"]["report.md"])
     return out

@@ -24,11 +24,12 @@ from infra import indexes as ix
 from infra import layout
 from infra.planner import select_shards
 from infra.registry import load_coder
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import open_store
 
 
-@flow(name="refresh-index", log_prints=True)
+@flow(name="refresh-index", log_prints=True, task_runner=SettingsTaskRunner())
 def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempts: int = 3,
                   shards_per_task: int | None = None, allow_removal: str | None = None) -> dict[str, Any]:
     """Publish a new version of index `name` with the shards added (or changed/removed) since its
@@ -83,6 +84,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
             trained = {"key": key, "checksum": head.etag}
         meta = {**{k: prev[k] for k in ("format", "name", "dataset", "coder_id", "coder_checksum", "method",
                                          "model_id", "bits", "memory_budget", "index_type_requested")},
+                "exclude_split": prev.get("exclude_split", "query"),  # kept: older builds left queries out
                 "mode": "refresh", "based_on": current.version, "attempt": attempt,
                 "delta": {"added": [r.key for r in delta.added], "changed": [r.key for r in delta.changed],
                           "removed": [i["key"] for i in delta.removed], "unchanged": delta.unchanged},

@@ -6,11 +6,12 @@ from typing import Any
 from prefect import flow
 
 from infra import layout
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from tasks.train import train_backbone as train_backbone_task
 
 
-@flow(name="train-backbone", log_prints=True)
+@flow(name="train-backbone", log_prints=True, task_runner=SettingsTaskRunner())
 def train_backbone(dataset: str, arch: str = "small-cnn", model_id: str | None = None, epochs: int = 8,
                    classes: list[int] | None = None, force: bool = False,
                    settings: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -7,11 +7,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from infra import layout
+from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from tasks.update import update_model_task
 
 
-@flow(name="update-model", log_prints=True)
+@flow(name="update-model", log_prints=True, task_runner=SettingsTaskRunner())
 def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method: str = "dual-tuning",
                  new_model_id: str | None = None, epochs: int = 6, bits: list[int] | None = None,
                  max_flip_rate: float | None = None,

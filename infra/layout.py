@@ -46,6 +46,12 @@ def artifact_key(*parts: str) -> str:
     return slug
 
 
+def index_name(dataset: str, coder_id: str, bits: int) -> str:
+    """The default index name: '<dataset>-<coder_id>-<bits>b'; a float coder has one length, so its
+    index is '<dataset>-<coder_id>'."""
+    return f"{dataset}-{coder_id}" if coder_id.startswith("float-") else f"{dataset}-{coder_id}-{bits}b"
+
+
 def part_name(part: int) -> str:
     return f"part-{part:05d}.parquet"
 

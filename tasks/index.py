@@ -48,9 +48,11 @@ def _store(settings: Settings) -> Store:
         return _STORES[key]
 
 
-def read_code_shard(store: Store, ref: ShardRef, nbytes: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(ids int64, full-length codes (n, nbytes) uint8, checksum of the bytes read) of one codes shard.
-    One GET of the whole object (a shard fits in memory by construction). Raises ShardInvalid."""
+def read_code_shard(store: Store, ref: ShardRef, nbytes: int,
+                    exclude_split: str | None = None) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """(ids int64, full-length codes (n, nbytes) uint8, checksum of the bytes read, rows left out)
+    of one codes shard: every row, less those of raw split `exclude_split` when given. One GET of
+    the whole object (a shard fits in memory by construction). Raises ShardInvalid."""
     data, etag = store.read_with_etag(ref.key)
     try:
         table = pq.read_table(io.BytesIO(data), columns=["id", "code"])
@@ -58,14 +60,16 @@ def read_code_shard(store: Store, ref: ShardRef, nbytes: int) -> tuple[np.ndarra
         raise ShardInvalid(ref.key, f"not a readable codes shard ({type(e).__name__}: {e})") from None
     validate_codes(ref.key, table, nbytes)
     ids, codes = table.column("id").to_numpy().astype(np.int64), codes_matrix(table)
-    keep = gallery_mask(store, ref, ids)
-    return (ids, codes, etag) if keep is None else (ids[keep], codes[keep], etag)
+    keep = split_mask(store, ref, ids, exclude_split) if exclude_split else None
+    if keep is None:
+        return ids, codes, etag, 0
+    return ids[keep], codes[keep], etag, int(len(ids) - keep.sum())
 
 
-def gallery_mask(store: Store, ref: ShardRef, ids: np.ndarray) -> np.ndarray | None:
-    """Rows that belong in an index: not the held-out evaluation queries (raw split == 'query',
-    METHODS.md). Reads only the id and split columns of the raw shard with the same part number;
-    None (keep all) when there is no such shard or no split column."""
+def split_mask(store: Store, ref: ShardRef, ids: np.ndarray, split: str) -> np.ndarray | None:
+    """Rows of a codes shard whose raw row is not in `split`. Reads only the id and split columns
+    of the raw shard with the same part number; None (keep all) when there is no such shard or no
+    split column."""
     dataset = ref.key.split("/")[1]
     try:
         pf = open_parquet(store, layout.raw_key(dataset, ref.part))
@@ -74,8 +78,8 @@ def gallery_mask(store: Store, ref: ShardRef, ids: np.ndarray) -> np.ndarray | N
         meta = pf.read(columns=["id", "split"])
     except (ShardInvalid, StoreError):
         return None
-    query_ids = meta.column("id").to_numpy()[np.asarray(meta.column("split").to_pylist()) == "query"]
-    return ~np.isin(ids, query_ids) if len(query_ids) else None
+    left_out = meta.column("id").to_numpy()[np.asarray(meta.column("split").to_pylist()) == split]
+    return ~np.isin(ids, left_out) if len(left_out) else None
 
 
 @task(name="count_rows", retries=3, retry_delay_seconds=exponential_backoff(1),
@@ -119,7 +123,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     for i in order:
         read.append(refs[int(i)].key)
         try:
-            _, codes, _ = read_code_shard(store, refs[int(i)], coder.bytes_per_item())
+            _, codes, _, _ = read_code_shard(store, refs[int(i)], coder.bytes_per_item())
         except ShardInvalid as e:
             log.warning("train_index: skipping %s: %s", e.key, e.reason)
             continue
@@ -143,8 +147,10 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
 @task(name="index_batch", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error, tags=["heavy"])
 def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: dict[str, Any],
-                refs: list[ShardRef], trained: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build the partial index of one batch of code shards and stage it under
+                refs: list[ShardRef], trained: dict[str, Any] | None = None,
+                exclude_split: str | None = None) -> dict[str, Any]:
+    """Build the partial index of one batch of code shards (less the rows of raw split
+    `exclude_split`, when given) and stage it under
     indexes/<name>/_staging/<digest>/ (index.faiss, ids.parquet, stats.json last). The digest covers
     the plan, the coder checksum, the length, the trained quantizer and every shard's key+checksum,
     so a rerun after a kill reuses a staged batch instead of reading its shards again.
@@ -155,7 +161,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     coder, card = load_coder(store, coder_id)
     digest = ix.digest_of({"format": ix.FORMAT, "code": INDEX_CODE_VERSION, "type": p.index_type,
                            "bytes": p.bytes_per_item, "nlist": p.nlist, "coder": card["checksum"],
-                           "bits": bits, "trained": (trained or {}).get("checksum"),
+                           "bits": bits, "trained": (trained or {}).get("checksum"), "exclude": exclude_split,
                            "shards": [(r.key, r.checksum) for r in refs]})
     prefix = ix.staging_prefix(name, digest)
     try:
@@ -171,7 +177,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     ids_all, parts_all, inputs, invalid = [], [], [], []
     for ref in refs:
         try:
-            ids, codes, etag = read_code_shard(store, ref, coder.bytes_per_item())
+            ids, codes, etag, excluded = read_code_shard(store, ref, coder.bytes_per_item(), exclude_split)
         except ShardInvalid as e:
             log.error("index %s: skipping invalid shard %s: %s", name, e.key, e.reason)
             head = store.head(ref.key)
@@ -181,7 +187,8 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
         ix.add_codes(index, p, coder, bits, codes)
         ids_all.append(ids)
         parts_all.append(np.full(len(ids), ref.part, dtype=np.int32))
-        inputs.append({"key": ref.key, "part": ref.part, "checksum": etag, "rows": int(len(ids))})
+        inputs.append({"key": ref.key, "part": ref.part, "checksum": etag, "rows": int(len(ids)),
+                       "excluded": excluded})
     ids = np.concatenate(ids_all) if ids_all else np.zeros(0, np.int64)
     parts = np.concatenate(parts_all) if parts_all else np.zeros(0, np.int32)
     store.write_bytes(prefix + ix.INDEX_FILE, ix.index_to_bytes(index))

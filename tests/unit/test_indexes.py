@@ -294,8 +294,9 @@ def test_versions_are_claimed_once_and_current_moves_only_from_what_was_read(tmp
     assert not store.list("indexes/idx/v000002/")
 
 
-def test_indexes_hold_the_gallery_not_the_held_out_queries(local_settings):
-    """Rows whose raw split is 'query' are evaluation queries (METHODS.md): never indexed."""
+def test_a_code_shard_is_read_whole_unless_a_split_is_excluded(local_settings):
+    """Every row is indexed by default (query rows too); excluding the evaluation's 'query' split is
+    an explicit choice, and the count of rows left out comes back with the shard."""
     import pyarrow as pa
 
     from infra import layout
@@ -309,5 +310,8 @@ def test_indexes_hold_the_gallery_not_the_held_out_queries(local_settings):
     split = ["query" if i % 4 == 0 else "database" for i in ids]
     write_table(store, layout.raw_key("d", 3), pa.table({"id": ids, "text": ["t"] * 10, "split": split}))
     etag = write_table(store, layout.codes_key("d", "c", 3), codes_table(ids, np.zeros((10, 2), np.uint8)))
-    got, codes, _ = read_code_shard(store, ShardRef(layout.codes_key("d", "c", 3), 3, etag, 0), 2)
-    assert got.tolist() == [1, 2, 3, 5, 6, 7, 9] and len(codes) == 7
+    ref = ShardRef(layout.codes_key("d", "c", 3), 3, etag, 0)
+    got, codes, _, left_out = read_code_shard(store, ref, 2)
+    assert got.tolist() == ids.tolist() and len(codes) == 10 and left_out == 0
+    got, codes, _, left_out = read_code_shard(store, ref, 2, exclude_split="query")
+    assert got.tolist() == [1, 2, 3, 5, 6, 7, 9] and len(codes) == 7 and left_out == 3
