@@ -154,7 +154,8 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
                          "merge": merged["merge_s"]},
              "peak_rss_bytes": {"batch_tasks": max((p["peak_rss_bytes"] for p in partials), default=0),
                                 "merge": merged["peak_rss_bytes"]},
-             "code_shards_read": dict(sorted(reads.items())), "trained": trained}
+             "code_shards_read": dict(sorted(reads.items())), "trained": trained,
+             "batch_writers": sorted({p["writer"] for p in partials if p["status"] == "done" and p.get("writer")})}
     build["excluded_rows"] = sum(i.get("excluded", 0) for i in build["inputs"])
     if build["exclude_split"]:
         log.info("index %s: %d rows of split %r left out, as asked (exclude_split)", name, build["excluded_rows"],

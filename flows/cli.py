@@ -13,6 +13,10 @@ for _k, _v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
+if os.environ.get("PREFECT_HOME"):  # Prefect warns, then cannot open its database, when the folder is missing
+    os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
+# faiss's loader logs every failed attempt at an optional CPU build (AVX-512, AVX2) at INFO
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 SETTING_FLAGS = ("store", "s3_endpoint", "s3_region", "runner", "dask_address", "dask_workers",
                  "max_workers", "heavy_limit", "device", "batch_size", "shard_rows")
@@ -37,6 +41,26 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
 
 
+def existing_store(args: argparse.Namespace):
+    """The store the flags name, which must exist and hold something (commands that only read or
+    add to what is there): a mistyped --store is an error, never a new empty store."""
+    from infra.settings import Settings
+    from infra.store import open_store
+
+    return open_store(Settings.load(**overrides(args))).require_existing()
+
+
+def finish(result: Any) -> int:
+    """Print a flow's result and its bad shards; the exit code of infra/outcomes.py (0 ok, 1 a
+    shard failed, 4 some quarantined)."""
+    from infra import outcomes
+
+    _print(result)
+    for line in outcomes.problem_lines(result):
+        print(line, file=sys.stderr)
+    return outcomes.exit_code(result)
+
+
 def run_flow(flow_obj, args: argparse.Namespace, **params: Any) -> Any:
     """Call a flow with the settings from flags; each flow runs its tasks on the runner they select
     (infra/runners.py SettingsTaskRunner)."""
@@ -48,34 +72,17 @@ def run_flow(flow_obj, args: argparse.Namespace, **params: Any) -> Any:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_doctor(args) -> int:
+    from infra import doctor
     from infra.settings import Settings
-    from infra.store import StoreError, open_store
 
     cfg = Settings.load(**overrides(args))
     print("codeshard settings (secrets masked):")
     for k, v in cfg.masked().items():
         print(f"  {k:24s} {v}")
     ok = True
-    try:
-        print("store:   ", open_store(cfg).check())
-    except StoreError as e:
-        ok = False
-        print("store:    FAILED:", e)
-    try:
-        import anyio
-        from prefect.client.orchestration import get_client
-
-        async def _health():
-            async with get_client() as c:
-                return await c.api_healthcheck()
-
-        err = anyio.run(_health)
-        print("prefect: ", "ok" if err is None else f"FAILED: {err}",
-              f"({os.environ.get('PREFECT_API_URL', 'ephemeral API')})")
-        ok &= err is None
-    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
-        ok = False
-        print("prefect:  FAILED:", type(e).__name__, e)
+    for check in doctor.checks(cfg):
+        print(f"{check.name + ':':9s} {'ok    ' if check.ok else 'FAILED'} {check.detail}")
+        ok &= check.ok or not check.required
     return 0 if ok else 1
 
 
@@ -102,15 +109,23 @@ def cmd_dev_s3(args) -> int:
 
 def cmd_ingest(args) -> int:
     from flows.ingest import ingest
+    from infra import layout
+    from infra.redact import refuse_credentials_in_uri
 
-    _print(run_flow(ingest, args, dataset=args.dataset, source=args.source, shard_rows=args.shard_rows_ingest,
-                    force=args.force, limit=args.limit, date=args.date))
-    return 0
+    layout.check_name("dataset", args.dataset)
+    if args.source:
+        refuse_credentials_in_uri(args.source, "--from")
+    return finish(run_flow(ingest, args, dataset=args.dataset, source=args.source,
+                           shard_rows=args.shard_rows_ingest, force=args.force, limit=args.limit, date=args.date))
 
 
 def cmd_train_backbone(args) -> int:
     from flows.train_backbone import train_backbone
 
+    from infra import layout
+
+    layout.check_names(dataset=args.dataset, model=args.model_id)
+    existing_store(args)
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     _print(run_flow(train_backbone, args, dataset=args.dataset, arch=args.arch, model_id=args.model_id,
                     epochs=args.epochs, classes=classes, force=args.force))
@@ -120,10 +135,12 @@ def cmd_train_backbone(args) -> int:
 def cmd_extract(args) -> int:
     from flows.extract_features import extract_features
 
-    s = run_flow(extract_features, args, dataset=args.dataset, model_id=args.model, shards=args.shards,
-                 force=args.force)
-    _print(s)
-    return 1 if s["failed"] else 0
+    from infra import layout
+
+    layout.check_names(dataset=args.dataset, model=args.model)
+    existing_store(args)
+    return finish(run_flow(extract_features, args, dataset=args.dataset, model_id=args.model, shards=args.shards,
+                           force=args.force))
 
 
 def _csv_list(text: str | None, cast=str) -> list | None:
@@ -134,7 +151,11 @@ def cmd_evaluate(args) -> int:
     from flows.evaluate import evaluate
     from infra.reports import to_csv, to_table
 
+    from infra import layout
+
     args.features = args.features or f"{args.dataset}-small-cnn"
+    layout.check_names(dataset=args.dataset, model=args.features)
+    existing_store(args)
     out = run_flow(evaluate, args, dataset=args.dataset, model_id=args.features,
                    methods=_csv_list(args.methods), bits=_csv_list(args.bits, int),
                    R=args.R, run_id=args.run_id)
@@ -151,6 +172,10 @@ def cmd_evaluate(args) -> int:
 def cmd_train_coder(args) -> int:
     from flows.generate_codes import train_coders
 
+    from infra import layout
+
+    layout.check_names(dataset=args.dataset, model=args.features)
+    existing_store(args)
     methods = {m: args.bits for m in _csv_list(args.method)}
     _print(run_flow(train_coders, args, dataset=args.dataset, model_id=args.features, methods=methods,
                     force=args.force))
@@ -160,22 +185,26 @@ def cmd_train_coder(args) -> int:
 def cmd_encode(args) -> int:
     from flows.generate_codes import encode
 
-    out = run_flow(encode, args, dataset=args.dataset, model_id=args.features,
-                   coder_ids=_csv_list(args.coder), shards=args.shards, force=args.force)
-    _print(out)
-    return 1 if any(s["failed"] for s in out) else 0
+    from infra import layout
+
+    layout.check_names(dataset=args.dataset, model=args.features, coder=_csv_list(args.coder))
+    existing_store(args)
+    return finish(run_flow(encode, args, dataset=args.dataset, model_id=args.features,
+                           coder_ids=_csv_list(args.coder), shards=args.shards, force=args.force))
 
 
 def cmd_pipeline(args) -> int:
     from flows.pipeline import pipeline
+    from infra import layout, outcomes
     from infra.reports import to_table
 
+    layout.check_names(dataset=args.dataset, model=args.model)
     coders = None
     if args.coders:  # "drq:64,itq:64,float": {method: longest bits}, float has none
         coders = {m.strip(): int(b or 0) for m, _, b in (c.partition(":") for c in _csv_list(args.coders))}
     out = run_flow(pipeline, args, dataset=args.dataset, model_id=args.model, epochs=args.epochs,
                    bits=_csv_list(args.bits, int), coders=coders, evaluate_methods=_csv_list(args.methods),
-                   force=args.force)
+                   exclude_queries=args.exclude_queries, force=args.force)
     print()
     print(f"== pipeline {args.dataset}: model {out['model_id']}")
     for stage in ("ingest", "extract"):
@@ -189,22 +218,34 @@ def cmd_pipeline(args) -> int:
     print("report:", out["evaluation"]["report"]["report.md"])
     print("\n== indexes")
     for i in out["indexes"]:
-        print(f"  {i['name']}: v{i.get('version')} ({i.get('status')}) {i.get('uri')}")
-    return 0
+        left_out = i.get("excluded") or {}
+        note = f", {left_out.get('rows')} '{left_out.get('split')}' rows left out as asked" if left_out else ""
+        print(f"  {i['name']}: v{i.get('version')} ({i.get('status')}, {i.get('n')} items{note}) {i.get('uri')}")
+    for line in outcomes.problem_lines(out):
+        print(line, file=sys.stderr)
+    return outcomes.exit_code(out)
 
 
 def cmd_backfill(args) -> int:
-    from flows.backfill import backfill
+    from flows.backfill import STAGES, backfill
+    from infra import layout
 
-    _print(run_flow(backfill, args, dataset=args.dataset, model_id=args.model or f"{args.dataset}-small-cnn",
-                    shards=args.shards, dates=args.dates, stages=_csv_list(args.stages),
-                    coder_ids=_csv_list(args.coders), force=args.force))
-    return 0
+    model = args.model or f"{args.dataset}-small-cnn"
+    layout.check_names(dataset=args.dataset, model=model, coder=_csv_list(args.coders))
+    stages = _csv_list(args.stages)
+    if bad := sorted(set(stages or []) - set(STAGES)):
+        raise ValueError(f"unknown stages {bad}; choose from {', '.join(STAGES)}")
+    existing_store(args)
+    return finish(run_flow(backfill, args, dataset=args.dataset, model_id=model, shards=args.shards,
+                           dates=args.dates, stages=stages, coder_ids=_csv_list(args.coders), force=args.force))
 
 
 def cmd_update_model(args) -> int:
     from flows.update_model import update_model
+    from infra import layout
 
+    layout.check_names(dataset=args.dataset, model=[args.old] + ([args.new_model_id] if args.new_model_id else []))
+    existing_store(args)
     out = run_flow(update_model, args, dataset=args.dataset, old_model_id=args.old, arch=args.arch,
                    method=args.method, new_model_id=args.new_model_id, epochs=args.epochs,
                    bits=_csv_list(args.bits, int), max_flip_rate=args.max_flip_rate)
@@ -236,10 +277,13 @@ def cmd_deploy(args) -> int:
 
 def cmd_index_build(args) -> int:
     from flows.build_index import build_index
+    from infra import layout
 
+    layout.check_names(dataset=args.dataset, coder=args.coder, index=args.name)
+    existing_store(args)
     s = run_flow(build_index, args, dataset=args.dataset, coder_id=args.coder, bits=args.bits, name=args.name,
                  memory_budget=args.memory_budget, force=args.force, shards_per_task=args.shards_per_task,
-                 index_type=args.index_type)
+                 index_type=args.index_type, exclude_split=args.exclude_split)
     _print(s)
     if s["status"] == "superseded":
         print(f"codeshard index build: another run published v{s.get('current_version')} of {s['name']} first; "
@@ -250,18 +294,26 @@ def cmd_index_build(args) -> int:
 
 def cmd_index_refresh(args) -> int:
     from flows.refresh_index import refresh_index
+    from infra import layout
 
-    _print(run_flow(refresh_index, args, name=args.name, shards_per_task=args.shards_per_task))
+    layout.check_name("index", args.name)
+    existing_store(args)
+    _print(run_flow(refresh_index, args, name=args.name, shards_per_task=args.shards_per_task,
+                    allow_removal=args.allow_removal))
     return 0
 
 
 def cmd_search(args) -> int:
+    from infra import layout
     from infra.search import Searcher, query_feature
     from infra.settings import Settings
     from infra.store import open_store
 
+    layout.check_name("index", args.name)
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
     cfg = Settings.load(**overrides(args))
-    store = open_store(cfg)
+    store = open_store(cfg).require_existing()
     searcher = Searcher(store, args.name, poll_seconds=0)
     if args.id is not None:
         res = searcher.search_by_id(args.id, args.k)
@@ -276,26 +328,55 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_ls(args) -> int:
+    from infra import catalog
+
+    store = existing_store(args)
+    for kind in [args.kind] if args.kind else list(catalog.KINDS):
+        entries = catalog.list_kind(store, kind)
+        print(f"== {kind} ({len(entries)})")
+        for e in entries:
+            print(f"  {e.name:48s} {_human(e.size_bytes):>9s}  {e.detail}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="codeshard", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    # -v before or after the subcommand: the subcommand's copy leaves the top-level value alone
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logs and full tracebacks")
+    p = argparse.ArgumentParser(prog="codeshard", description=__doc__, parents=[verbose])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, parents=[verbose])
         _settings_args(sp)
         sp.set_defaults(fn=fn)
         return sp
 
     add("doctor", cmd_doctor, "print resolved settings (secrets masked); check the store and Prefect")
 
-    dev = sub.add_parser("dev", help="local development services")
+    sp = add("ls", cmd_ls, "what the store holds: datasets, models, coders, indexes (CURRENT versions), "
+             "quarantined shards, with sizes")
+    sp.add_argument("kind", nargs="?", choices=["datasets", "models", "coders", "indexes", "quarantine"])
+
+    dev = sub.add_parser("dev", help="local development services", parents=[verbose])
     devsub = dev.add_subparsers(dest="service", required=True)
-    s3 = devsub.add_parser("s3", help="SeaweedFS S3 server on loopback (data under .codeshard/seaweedfs)")
+    s3 = devsub.add_parser("s3", help="SeaweedFS S3 server on loopback (data under .codeshard/seaweedfs)",
+                           parents=[verbose])
     s3.add_argument("action", choices=["up", "down"])
     s3.add_argument("--bucket", default="codeshard")
     s3.add_argument("--port", type=int, default=None)
@@ -357,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--coders", help="coders to train and index, METHOD:BITS comma list "
                                      "(default drq:64,itq:64,pq:64,float)")
     sp.add_argument("--methods", help="evaluation methods, comma list (default: all, see `evaluate`)")
+    sp.add_argument("--exclude-queries", action="store_true",
+                    help="leave the evaluation's query rows out of the indexes (recorded in build.json); "
+                         "default: indexes hold every item")
     sp.add_argument("--force", action="store_true")
 
     sp = add("backfill", cmd_backfill, "re-run stages over a shard range or a partition-date range "
@@ -370,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--coders", help="coder ids for the codes stage (default: all registered for the model)")
     sp.add_argument("--force", action="store_true")
 
-    index = sub.add_parser("index", help="build and refresh faiss indexes over stored codes")
+    index = sub.add_parser("index", help="build and refresh faiss indexes over stored codes", parents=[verbose])
     index_sub = index.add_subparsers(dest="index_command", required=True)
-    sp = index_sub.add_parser("build", help="build and publish an index of one coder x code length")
+    sp = index_sub.add_parser("build", help="build and publish an index of one coder x code length",
+                              parents=[verbose])
     _settings_args(sp)
     sp.set_defaults(fn=cmd_index_build)
     sp.add_argument("--dataset", required=True)
@@ -380,15 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bits", type=int, help="code length (default: the coder's longest)")
     sp.add_argument("--name", help="index name (default <dataset>-<coder>-<bits>b)")
     sp.add_argument("--memory-budget", default="2GB", help="resident memory the index may take (e.g. 2GB, 512MB)")
-    sp.add_argument("--index-type", help="force a type: binary-flat, binary-ivf, pq-lut, rq-lut, coder-lut, "
-                                         "flat, ivf-flat, hnsw")
+    sp.add_argument("--index-type", choices=["binary-flat", "binary-ivf", "pq-lut", "rq-lut", "coder-lut", "flat",
+                                             "ivf-flat", "hnsw"],
+                    help="force a type (default: the cheapest that fits --memory-budget)")
     sp.add_argument("--shards-per-task", type=int, help="code shards per partial-index task (default: by memory)")
+    sp.add_argument("--exclude-split", choices=["query", "train", "val", "database"],
+                    help="leave the rows of this raw split out (recorded in build.json); default: every item")
     sp.add_argument("--force", action="store_true", help="rebuild even if CURRENT covers the same shards")
-    sp = index_sub.add_parser("refresh", help="add shards new since CURRENT; publish the next version")
+    sp = index_sub.add_parser("refresh", help="add shards new since CURRENT; publish the next version",
+                              parents=[verbose])
     _settings_args(sp)
     sp.set_defaults(fn=cmd_index_refresh)
     sp.add_argument("--name", required=True)
     sp.add_argument("--shards-per-task", type=int)
+    sp.add_argument("--allow-removal", metavar="REASON",
+                    help="publish even though code shards indexed before are gone; the reason goes into build.json")
 
     sp = add("search", cmd_search, "top-k of a published index for a stored item, an image or a text")
     sp.add_argument("--name", required=True)
@@ -430,8 +521,18 @@ class _NoTracebackFormatter(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("codeshard")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     # a failed flow run logs its traceback; without -v the user gets the one-line error below
     handler = logging.StreamHandler()
     handler.setFormatter((logging.Formatter if args.verbose else _NoTracebackFormatter)(

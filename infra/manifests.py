@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +19,11 @@ from typing import Any, Sequence
 
 from infra import layout
 from infra.store import Store, StoreError
+
+
+def writer() -> str:
+    """'<host>:<pid>' of this process: the manifest of a shard names who wrote it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -33,13 +40,16 @@ class Manifest:
     seconds: float = 0.0
     created_at: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
+    writer: str = field(default_factory=writer)  # host:pid of the process that wrote the shard
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
-        return cls(**json.loads(data))
+        fields = json.loads(data)
+        fields.setdefault("writer", "")  # written before manifests named their writer
+        return cls(**fields)
 
 
 def read_manifest(store: Store, key: str) -> Manifest | None:

@@ -65,6 +65,16 @@ class SettingsTaskRunner(TaskRunner):
                 self.logger.debug("tasks of this flow run on %s", type(inner).__name__)
             return self._inner
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the flow (and so this runner) travels with each task to a Dask worker: never the started
+        # runner or the lock, which belong to this process
+        state = self.__dict__.copy()
+        state.update(_inner=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def submit(self, task, parameters, wait_for=None, dependencies=None):  # type: ignore[override]
         return self.selected().submit(task, parameters, wait_for, dependencies)
 

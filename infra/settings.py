@@ -17,7 +17,10 @@ from infra.redact import install_log_redaction, refuse_credentials_in_uri
 
 install_log_redaction()  # every process that runs codeshard code imports the settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STORE = f"file://{REPO_ROOT / '.codeshard' / 'store'}"
+# Local state lives under ./.codeshard of the directory a command runs in (or CODESHARD_HOME), so an
+# installed package needs no source checkout; `make demo` runs in the checkout: .codeshard/store.
+HOME = Path(os.environ.get("CODESHARD_HOME") or Path.cwd() / ".codeshard").absolute()
+DEFAULT_STORE = f"file://{HOME / 'store'}"
 
 
 def _parse_bits(text: str) -> tuple[int, ...]:
@@ -44,7 +47,7 @@ class Settings:
     shard_rows: int = 10_000
     code_bits: tuple[int, ...] = (8, 16, 32, 64)
     seed: int = 0
-    dev_dir: str = str(REPO_ROOT / ".codeshard")  # local services' data (SeaweedFS, Prefect home)
+    dev_dir: str = str(HOME)  # local services' data (SeaweedFS, Prefect home)
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":

@@ -215,6 +215,18 @@ class Store:
     def uri_of(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
 
+    def holds_anything(self) -> bool:
+        """Whether the store exists and holds at least one object (a LIST of one key)."""
+        raise NotImplementedError
+
+    def require_existing(self) -> "Store":
+        """This store, or ValueError when it does not exist or is empty: for commands that only
+        read, so a mistyped --store is an error instead of an empty store. One LIST."""
+        if not self.holds_anything():
+            raise ValueError(f"no store at {self.uri} (nothing there): check --store / CODESHARD_STORE, or "
+                             f"create it by ingesting a dataset (`codeshard ingest …`)")
+        return self
+
     def check(self) -> str:
         """Cheap reachability + write check (list, put, get, delete of `_health/probe`); returns a
         one-line status, or raises StoreError naming the step that failed, whatever the cause
@@ -242,8 +254,7 @@ class LocalStore(Store):
     """A folder on local disk. ETag = md5 of the content (cached by mtime+size)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # created by the first write, never by opening (a typo stays an error)
         self.uri = f"file://{self.root}"
         self._etags: dict[tuple[str, int, int], str] = {}
 
@@ -342,6 +353,11 @@ class LocalStore(Store):
                 if info:
                     out.append(info)
         return sorted(out, key=lambda i: i.key)
+
+    def holds_anything(self) -> bool:
+        if not self.root.is_dir():
+            return False
+        return any(not name.startswith(".") for _d, _s, files in os.walk(self.root) for name in files)
 
     def delete(self, key: str) -> None:
         try:
@@ -525,6 +541,12 @@ class S3Store(Store):
                 break
             token = r["NextContinuationToken"]
         return sorted(out, key=lambda i: i.key)
+
+    def holds_anything(self) -> bool:
+        """A missing bucket raises StoreError (say so, rather than 'empty')."""
+        kw = {"Prefix": self._k("")} if self.prefix else {}
+        r = self._call("list", "", self.client.list_objects_v2, MaxKeys=1, **kw)
+        return bool(r.get("Contents"))
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Key=self._k(key))

@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from infra import indexes as ix
 from infra import layout
+from infra.manifests import writer
 from infra.planner import ShardRef
 from infra.registry import load_coder
 from infra.settings import Settings
@@ -195,7 +196,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     store.write_bytes(prefix + ix.IDS_FILE, ix.ids_bytes(ids, parts))
     stats = {"format": ix.FORMAT, "staging": prefix, "rows": int(len(ids)), "inputs": inputs,
              "invalid": invalid, "seconds": time.perf_counter() - t0, "peak_rss_bytes": ix.peak_rss_bytes(),
-             "pid": os.getpid()}
+             "writer": writer()}
     store.write_bytes(prefix + ix.STATS_FILE, json.dumps(stats, sort_keys=True).encode())  # commit point
     log.info("index batch %s: %d shards, %d rows in %.2fs", digest, len(inputs), len(ids), stats["seconds"])
     return {**stats, "status": "done", "code_shards_read": [r.key for r in refs]}
