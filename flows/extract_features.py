@@ -35,9 +35,9 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
         raise ValueError(f"no raw shards for dataset {dataset!r} in {store.uri}"
                          f"{' range ' + shards if shards else ''}: run `codeshard ingest {dataset}` first")
     log.info("extract %s with %s (%s): %d shards", dataset, model_id, card["arch"], len(refs))
-    futures = submit_shard_tasks(cfg, extract_shard, extract_shards, refs, dataset, model_id, force=force)
+    futures, parts = submit_shard_tasks(cfg, extract_shard, extract_shards, refs, dataset, model_id, force=force)
     # ids are unique across shards: a shard repeating an earlier part's ids is quarantined
-    outcomes = check_ids_across_shards(cfg, dataset, model_id, gather(futures, "extract"))
+    outcomes = check_ids_across_shards(cfg, dataset, model_id, gather(futures, "extract", parts))
     summary = summarize("extract", outcomes)
     summary["model_id"] = model_id
     publish_summary(summary, key=layout.artifact_key("extract", dataset, model_id))

@@ -50,9 +50,9 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
         raise ValueError(f"no features for {dataset}/{model_id}: run `codeshard extract` first")
     summaries = []
     for coder_id in coder_ids:
-        futures = submit_shard_tasks(cfg, encode_shard, encode_shards, refs, dataset, model_id, coder_id,
+        futures, parts = submit_shard_tasks(cfg, encode_shard, encode_shards, refs, dataset, model_id, coder_id,
                                      force=force)
-        s = summarize("encode", gather(futures, f"encode {coder_id}"))
+        s = summarize("encode", gather(futures, f"encode {coder_id}", parts))
         s["coder_id"] = coder_id
         publish_summary(s, key=layout.artifact_key("encode", dataset, coder_id))
         summaries.append(s)

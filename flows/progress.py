@@ -10,9 +10,11 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import as_completed
 
 
-def gather(futures: list, stage: str) -> list[dict[str, Any]]:
+def gather(futures: list, stage: str, parts: list[list[int]] | None = None) -> list[dict[str, Any]]:
     """Wait for shard futures as they complete, logging and updating a progress artifact.
-    A future that raised is recorded as status 'failed' with its error (the run goes on)."""
+    A future that raised is recorded as status 'failed' with its error, one outcome per part it
+    covered (`parts[i]`: the parts of `futures[i]`; -1 when not given); the run goes on."""
+    covered = {id(f): p for f, p in zip(futures, parts or [])}
     log = get_run_logger()
     total = len(futures)
     if total == 0:
@@ -24,8 +26,10 @@ def gather(futures: list, stage: str) -> list[dict[str, Any]]:
             res = fut.result()
             results = res if isinstance(res, list) else [res]
         except Exception as e:  # noqa: BLE001 - one failed shard must not hide the others
-            results = [{"stage": stage, "part": -1, "status": "failed", "reason": f"{type(e).__name__}: {e}"}]
-            log.error("%s: a task failed after its retries: %s", stage, results[0]["reason"])
+            reason = f"{type(e).__name__}: {e}"
+            results = [{"stage": stage, "part": p, "status": "failed", "reason": reason}
+                       for p in covered.get(id(fut), [-1])]
+            log.error("%s: parts %s failed after their retries: %s", stage, [r["part"] for r in results], reason)
         out.extend(results)
         if art is not None:
             update_progress_artifact(art, progress=100.0 * i / total)

@@ -49,18 +49,18 @@ def test_failed_forced_rewrites_keep_committed_work_and_refresh_refuses_to_shrin
     coder = card["coder_id"]
     assert encode("digits", "test-cnn", [coder], settings=cfg)[0]["done"] == 3
     built = build_index("digits", coder, 16, "digits-itq", settings=cfg)
-    assert (built["status"], built["n"]) == ("published", 1597)  # the database split
+    assert (built["status"], built["n"]) == ("published", 1797)  # every item
     committed = snapshot(store, ["features/", "codes/", "_manifests/"])
 
     # disk full while writing outputs: extract --force and encode --force --shards 0:2 fail ...
     with monkeypatch.context() as m:
         fail_writes(m, "features/digits/")
         s = extract_features("digits", "test-cnn", force=True, settings=cfg)
-        assert (len(s["failed"]), s["done"]) == (3, 0)
+        assert ([f["part"] for f in s["failed"]], s["done"]) == ([0, 1, 2], 0)  # each failed part named
         assert snapshot(store, ["features/", "_manifests/extract/"]) == snapshot_of(committed, "features/", "_manifests/extract/")
         fail_writes(m, "codes/digits/")
         [s] = encode("digits", "test-cnn", [coder], shards="0:2", force=True, settings=cfg)
-        assert (len(s["failed"]), s["done"]) == (2, 0)
+        assert ([f["part"] for f in s["failed"]], s["done"]) == ([0, 1], 0)
     # ... and every committed output and manifest is exactly as it was (old code: deleted)
     assert snapshot(store, ["features/", "codes/", "_manifests/"]) == committed
 
@@ -68,10 +68,10 @@ def test_failed_forced_rewrites_keep_committed_work_and_refresh_refuses_to_shrin
     with monkeypatch.context() as m:
         fail_writes(m, "_manifests/encode/")
         [s] = encode("digits", "test-cnn", [coder], shards="1", force=True, settings=cfg)
-        assert len(s["failed"]) == 1
+        assert [f["part"] for f in s["failed"]] == [1]
     assert snapshot(store, ["features/", "codes/", "_manifests/"]) == committed
     r = refresh_index("digits-itq", settings=cfg)
-    assert (r["status"], r["n"]) == ("up-to-date", 1597)
+    assert (r["status"], r["n"]) == ("up-to-date", 1797)
 
     # a code shard gone (and its manifest): the refresh refuses to publish fewer items ...
     store.delete(layout.codes_key("digits", coder, 0))

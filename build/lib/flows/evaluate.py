@@ -1,0 +1,58 @@
+"""Evaluation flow: one table, method x code length, on one (dataset, model) feature set."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from encoders.evaluation import BASELINES
+from flows.limits import ensure_heavy_limit
+from infra import layout
+from infra.reports import read_csv_rows, to_markdown, write_report
+from infra.runners import SettingsTaskRunner
+from infra.settings import Settings
+from infra.store import open_store
+from tasks.codes import features_fingerprint
+from tasks.evaluate import evaluate_method
+
+
+@flow(name="evaluate", log_prints=True, task_runner=SettingsTaskRunner())
+def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits: list[int] | None = None,
+             R: int | None = None, run_id: str | None = None, force: bool = False,
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit each method on train (select on val), report mAP@R / P@100 and costs on query vs database.
+    Writes reports/<dataset>/<run_id>/ (CSV, markdown, PNG) and table + markdown artifacts.
+    The default run id is a hash of (features, methods, bits, R): an identical evaluation that was
+    already reported is read back instead of recomputed, unless `force`."""
+    layout.check_names(dataset=dataset, model=model_id)
+    cfg = Settings.load(**(settings or {}))
+    ensure_heavy_limit(cfg.heavy_limit)
+    store = open_store(cfg)
+    methods = methods or list(BASELINES)
+    bits = sorted(bits or cfg.code_bits)
+    log = get_run_logger()
+    if run_id is None:
+        key = json.dumps([features_fingerprint(store, dataset, model_id), methods, bits, R, cfg.seed])
+        run_id = f"{model_id}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        done = layout.report_prefix(dataset, run_id) + "report.csv"
+        if not force and store.exists(done):
+            rows = read_csv_rows(store.read_bytes(done).decode())
+            log.info("evaluate %s/%s: identical evaluation already reported (%s): skipped", dataset, model_id,
+                     store.uri_of(done))
+            prefix = layout.report_prefix(dataset, run_id)
+            return {"run_id": run_id, "rows": rows, "skipped": True,
+                    "report": {k: store.uri_of(prefix + k) for k in ("report.csv", "report.md", "map_vs_bits.png")}}
+    log.info("evaluate %s/%s: %s at %s bits", dataset, model_id, methods, bits)
+    futures = [evaluate_method.submit(cfg, dataset, model_id, m, bits, R) for m in methods]
+    rows = [r for f in futures for r in f.result()]
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (order[r["method"]], r["bits"]))
+    title = f"{dataset} / {model_id}: mAP@{'all' if R is None else R}, query vs database"
+    uris = write_report(store, dataset, run_id, rows, title)
+    create_table_artifact(table=rows, key=layout.artifact_key("eval", dataset, model_id), description=title)
+    create_markdown_artifact(markdown=f"## {title}\n\n{to_markdown(rows)}\n\nPlot: {uris['map_vs_bits.png']}",
+                             key=layout.artifact_key("eval-md", dataset, model_id), description=title)
+    return {"run_id": run_id, "rows": rows, "report": uris}

@@ -1,0 +1,107 @@
+"""What a store holds, for `codeshard ls` and `doctor`: datasets, models, coders, indexes (with
+their CURRENT versions) and quarantined shards, each with its size in the store.
+
+Reads only: one LIST per top-level prefix, plus one small GET per index (CURRENT) and per
+quarantine record. Never writes, so listing a mistyped store creates nothing.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass
+
+from infra import layout
+from infra.store import Store, StoreError
+
+KINDS = ("datasets", "models", "coders", "indexes", "quarantine")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a listing: what it is, its name, a short description, bytes in the store."""
+
+    kind: str
+    name: str
+    detail: str
+    size_bytes: int
+
+
+def list_kind(store: Store, kind: str) -> list[Entry]:
+    """Entries of one kind (KINDS), sorted by name."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    return {"datasets": _datasets, "models": _models, "coders": _coders, "indexes": _indexes,
+            "quarantine": _quarantine}[kind](store)
+
+
+def _grouped(store: Store, prefix: str, depth: int) -> dict[str, list]:
+    """Objects under `prefix` grouped by the first `depth` path segments after it."""
+    groups: dict[str, list] = collections.defaultdict(list)
+    for info in store.list(prefix):
+        parts = info.key[len(prefix):].split("/")
+        if len(parts) > depth:
+            groups["/".join(parts[:depth])].append(info)
+    return groups
+
+
+def _datasets(store: Store) -> list[Entry]:
+    raw = _grouped(store, "raw/", 1)
+    feats = _grouped(store, "features/", 2)
+    codes = _grouped(store, "codes/", 2)
+    names = sorted(set(raw) | {k.split("/")[0] for k in feats} | {k.split("/")[0] for k in codes})
+    out = []
+    for ds in names:
+        models = sorted(k.split("/")[1] for k in feats if k.startswith(ds + "/"))
+        coders = sorted(k.split("/")[1] for k in codes if k.startswith(ds + "/"))
+        size = sum(i.size for group in (raw.get(ds, []),) for i in group)
+        size += sum(i.size for k, g in {**feats, **codes}.items() if k.startswith(ds + "/") for i in g)
+        detail = (f"{len(raw.get(ds, []))} raw shards; features: {', '.join(models) or '-'}; "
+                  f"codes: {', '.join(coders) or '-'}")
+        out.append(Entry("dataset", ds, detail, size))
+    return out
+
+
+def _cards(store: Store, prefix: str, kind: str) -> list[Entry]:
+    out = []
+    for name, infos in sorted(_grouped(store, prefix, 1).items()):
+        files = ", ".join(sorted(i.key.rsplit("/", 1)[-1] for i in infos))
+        out.append(Entry(kind, name, files, sum(i.size for i in infos)))
+    return out
+
+
+def _models(store: Store) -> list[Entry]:
+    return _cards(store, "models/", "model")
+
+
+def _coders(store: Store) -> list[Entry]:
+    return _cards(store, "coders/", "coder")
+
+
+def _indexes(store: Store) -> list[Entry]:
+    out = []
+    for name, infos in sorted(_grouped(store, "indexes/", 1).items()):
+        versions = sorted({i.key.split("/")[2] for i in infos if i.key.split("/")[2].startswith("v")})
+        try:
+            pointer = json.loads(store.read_bytes(layout.index_current_key(name)))
+            current = f"CURRENT v{int(pointer['version'])}"
+        except (StoreError, ValueError, KeyError):
+            current = "no CURRENT (never published)"
+        out.append(Entry("index", name, f"{current}; {len(versions)} versions stored",
+                         sum(i.size for i in infos)))
+    return out
+
+
+def _quarantine(store: Store) -> list[Entry]:
+    out = []
+    for info in store.list("_quarantine/"):
+        if not info.key.endswith(".reason.json"):
+            continue
+        try:
+            record = json.loads(store.read_bytes(info.key))
+            reason = f"{record.get('stage')}: {record.get('reason')}"
+        except (StoreError, ValueError):
+            reason = "(reason record unreadable)"
+        name = info.key[len("_quarantine/"):-len(".reason.json")]
+        data = store.head(info.key[:-len(".reason.json")])
+        out.append(Entry("quarantined", name, reason, data.size if data else 0))
+    return out

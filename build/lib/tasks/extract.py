@@ -1,0 +1,126 @@
+"""Feature extraction: one raw shard in, one features shard out."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from infra import layout
+from infra.images import BadImage, decode_images
+from infra.planner import ShardRef
+from infra.registry import load_backbone, model_card
+from infra.settings import Settings
+from infra.shards import ShardInvalid, check_raw_types, features_table, iter_batches, open_parquet
+from infra.store import open_store
+from tasks.caching import ShardCache, ShardTarget, store_for
+from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_batch, run_shard_stage
+
+EXTRACT_VERSION = "extract-1"
+
+
+def code_version(card: dict[str, Any]) -> str:
+    """What a features shard depends on besides its input: the model's weights and this code."""
+    return f"{EXTRACT_VERSION}:{card['model_id']}:{card['checksum']}"
+
+
+def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
+    """extract_shard's parameters -> what it reads and writes (for its cache key; one card GET)."""
+    store, ref = store_for(inputs["settings"]), inputs["ref"]
+    dataset, model_id = inputs["dataset"], inputs["model_id"]
+    return ShardTarget(store, store, "extract", dataset, model_id, ref.part, ref.key,
+                       layout.features_key(dataset, model_id, ref.part), code_version(model_card(store, model_id)))
+
+
+@task(name="extract_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=is_store_error, tags=["heavy"], cache_policy=ShardCache(describe=_cache_target),
+      result_serializer="json")
+def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef,
+                  force: bool = False) -> dict[str, Any]:
+    """Embed one raw shard with `model_id` into features/<dataset>/<model_id>/part-NNNNN.parquet.
+
+    Streams the shard by record batches of `settings.batch_size` rows (decode + forward per batch),
+    so memory ~ one batch of images + one shard of features. Bad rows quarantine the shard.
+    """
+    store = open_store(settings)
+    device = settings.torch_device()
+    backbone, card = load_backbone(store, model_id, device=device)
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, settings.max_workers)))
+    text = card["arch"] == "minilm"
+    hw = tuple(card.get("input_hw", (28, 28)))
+
+    def work():
+        ids_out, feats_out = [], []
+        column = "text" if text else "image"
+        pf = open_parquet(store, ref.key)
+        schema = pf.schema_arrow
+        if column not in schema.names:
+            raise ShardInvalid(ref.key, f"model {model_id} needs a {column!r} column (has {sorted(schema.names)})")
+        if "id" not in schema.names:
+            raise ShardInvalid(ref.key, f"missing column 'id' (has {sorted(schema.names)})")
+        check_raw_types(ref.key, schema, ["id", column])  # before any row is decoded
+        for batch in iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size,
+                                  pf=pf):
+            if batch.column(0).null_count:
+                raise ShardInvalid(ref.key, f"{batch.column(0).null_count} null ids")
+            ids = batch.column(0).to_numpy(zero_copy_only=False)
+            if text:
+                texts = batch.column(1).to_pylist()
+                if any(t is None for t in texts):
+                    raise ShardInvalid(ref.key, "null text values")
+                feats = backbone.features(texts, batch_size=settings.batch_size)
+            else:
+                try:
+                    pixels = decode_images(batch.column(1).to_pylist(), ids, hw)
+                except BadImage as e:
+                    raise ShardInvalid(ref.key, str(e)) from None
+                feats = _forward(backbone, pixels, device)
+            ids_out.append(ids)
+            feats_out.append(feats)
+        if not ids_out:
+            raise ShardInvalid(ref.key, "empty shard (0 rows)")
+        ids = np.concatenate(ids_out)
+        if len(np.unique(ids)) != len(ids):
+            raise ShardInvalid(ref.key, f"{len(ids) - len(np.unique(ids))} duplicate ids within the shard")
+        feats = np.concatenate(feats_out)
+        if not np.isfinite(feats).all():
+            raise ShardInvalid(ref.key, "model produced NaN/Inf features")
+        # the id range lets the flow check ids across shards without reading them (check_ids_across_shards)
+        return features_table(ids, feats), {"dim": int(feats.shape[1]), "pid": os.getpid(),
+                                            "id_min": int(ids.min()), "id_max": int(ids.max())}
+
+    outcome = run_shard_stage(store, stage="extract", dataset=dataset, output_id=model_id, ref=ref,
+                              output_key=layout.features_key(dataset, model_id, ref.part),
+                              code_version=code_version(card), force=force, work=work)
+    return outcome.as_dict()
+
+
+@task(name="extract_shards", tags=["heavy"])
+def extract_shards(settings: Settings, dataset: str, model_id: str, refs: list[ShardRef],
+                   force: bool = False) -> list[dict[str, Any]]:
+    """`extract_shard` over a batch of shards in one task run (datasets with more shards than
+    `settings.max_shard_tasks`): task overhead once per batch instead of per shard."""
+    return run_shard_batch(extract_shard.fn, "extract", refs, settings, dataset, model_id, force=force)
+
+
+@task(name="check_ids_across_shards", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=is_store_error, tags=["io"])
+def check_ids_across_shards(settings: Settings, dataset: str, model_id: str,
+                            outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """After every shard finished: a features shard sharing ids with an earlier part is quarantined
+    (see tasks.stage.quarantine_duplicate_ids); returns the outcomes with those marked."""
+    return quarantine_duplicate_ids(open_store(settings), stage="extract", dataset=dataset, output_id=model_id,
+                                    outcomes=outcomes,
+                                    output_key=functools.partial(layout.features_key, dataset, model_id))
+
+
+def _forward(backbone, pixels: np.ndarray, device: str) -> np.ndarray:
+    with torch.inference_mode():
+        x = backbone.preprocess(pixels).to(device)
+        return backbone.module(x).float().cpu().numpy()
+
