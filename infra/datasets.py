@@ -269,9 +269,8 @@ def assign_splits(labels: np.ndarray, is_test: np.ndarray, seed: int = 0,
 def png_bytes(pixels: np.ndarray, compress_level: int = 1) -> list[bytes]:
     """Encode (n, H, W) uint8 grey images as PNG bytes, one per image (PIL).
 
-    compress_level 1: 28x28 images are tiny, higher levels save a few bytes at a large time cost.
-    Measured here (2 shared cores): 10,000 28x28 images in 0.55 s (~3.9 s for 70k; ~520 B each);
-    `decode_png` 0.39 s per 10,000.
+    compress_level 1: 28x28 images are tiny, higher levels save a few bytes at a large time cost
+    (figures in BENCHMARKS.md). O(n) PIL encodes.
     """
     from PIL import Image
 
@@ -284,16 +283,6 @@ def png_bytes(pixels: np.ndarray, compress_level: int = 1) -> list[bytes]:
         Image.fromarray(img).save(buf, format="PNG", compress_level=compress_level)
         out.append(buf.getvalue())
     return out
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode one PNG into an (H, W) uint8 array (converted to grey 'L' if it is not)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "L":
-            im = im.convert("L")
-        return np.asarray(im, dtype=np.uint8).copy()
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from infra import layout
-from infra.store import Store, StoreError
+from infra.store import NotFound, Store, StoreError
 
 
 def writer() -> str:
@@ -55,10 +55,8 @@ class Manifest:
 def read_manifest(store: Store, key: str) -> Manifest | None:
     try:
         return Manifest.from_json(store.read_bytes(key))
-    except StoreError as e:
-        if str(e).startswith("no object"):
-            return None
-        raise
+    except NotFound:
+        return None
     except (ValueError, TypeError):
         return None  # an unreadable manifest means "not done": the shard is redone
 
@@ -123,10 +121,8 @@ def quarantine_reason(store: Store, stage: str, key: str, input_checksum: str,
     reason can lie in the model or coder: NaN weights, another dimension), else None."""
     try:
         record = json.loads(store.read_bytes(layout.quarantine_key(stage, key) + ".reason.json"))
-    except StoreError as e:
-        if str(e).startswith("no object"):
-            return None
-        raise  # the store failed: not a reason to redo (or to skip) the shard
+    except NotFound:
+        return None  # any other StoreError propagates: a failed store is no reason to redo (or skip)
     except ValueError:
         return None
     if record.get("input_checksum") != input_checksum:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from infra import layout
-from infra.store import Store, StoreError
+from infra.store import NotFound, Store
 
 LOG = logging.getLogger(__name__)
 
@@ -89,11 +89,9 @@ def _load(data: bytes) -> Any:
 
 
 def read_card(store: Store, prefix: str) -> dict[str, Any]:
-    try:
+    try:  # any other StoreError (unreachable store, missing bucket) propagates: not "unknown model"
         return json.loads(store.read_bytes(prefix + "card.json"))
-    except StoreError as e:
-        if not str(e).startswith("no object"):
-            raise  # unreachable store, missing bucket, bad credentials: say so, not "unknown model"
+    except NotFound:
         raise RegistryError(f"nothing registered at {store.uri_of(prefix)} (no card.json)") from None
 
 
@@ -211,10 +209,11 @@ def load_coder(store: Store, coder_id: str):
 
 
 def read_pointer(store: Store, name: str) -> tuple[dict[str, Any] | None, str | None]:
-    """(value, etag) of a named pointer such as the query model of a dataset."""
+    """(value, etag) of a named pointer such as the query model of a dataset; (None, None) when it
+    was never set. A store failure raises (it is not 'no pointer')."""
     try:
         data, etag = store.read_with_etag(layout.pointer_key(name))
-    except StoreError:
+    except NotFound:
         return None, None
     return json.loads(data), etag
 

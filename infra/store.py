@@ -54,6 +54,10 @@ class StoreError(RuntimeError):
     transport: bool = False
 
 
+class NotFound(StoreError):
+    """The object does not exist (a definite answer from the store, not a failure to reach it)."""
+
+
 class StoreUnavailable(StoreError):
     """The store failed `store_breaker` operations in a row (each past its retries): this process
     stops asking it for a while. Not retried by tasks: the run fails fast, naming the store."""
@@ -268,7 +272,7 @@ class LocalStore(Store):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"no object at {self.uri_of(key)}") from None
+            raise NotFound(f"no object at {self.uri_of(key)}") from None
         except OSError as e:
             raise StoreError(f"get {self.uri_of(key)} failed: {_clean(e)}") from None
 
@@ -438,7 +442,7 @@ class S3Store(Store):
                 raise PreconditionFailed(f"{self.uri_of(key)}: {what} lost (412 precondition failed)",
                                          retried=retried) from None
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise StoreError(f"no object at {self.uri_of(key)}") from None
+                raise NotFound(f"no object at {self.uri_of(key)}") from None
             if code == "NoSuchBucket":
                 raise StoreError(f"bucket {self.bucket!r} does not exist ({self.uri})") from None
             err = StoreError(f"{what} {self.uri_of(key)} failed: {code or status}: "
@@ -515,12 +519,8 @@ class S3Store(Store):
     def head(self, key: str) -> ObjectInfo | None:
         try:
             r = self._call("head", key, self.client.head_object, Key=self._k(key))
-        except PreconditionFailed:
-            raise
-        except StoreError as e:
-            if str(e).startswith("no object"):
-                return None
-            raise
+        except NotFound:
+            return None
         return ObjectInfo(key, int(r["ContentLength"]), r["ETag"].strip('"'))
 
     def list(self, prefix: str) -> list[ObjectInfo]:

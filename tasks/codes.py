@@ -156,12 +156,6 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
     return outcome.as_dict()
 
 
-def encode_queries(store: Store, coder_id: str, x: np.ndarray) -> np.ndarray:
-    """Codes of float vectors with a registered coder (query side; no store writes)."""
-    coder, _ = load_coder(store, coder_id)
-    return coder.encode(x)
-
-
 @task(name="encode_shards", tags=["heavy"])
 def encode_shards(settings: Settings, dataset: str, model_id: str, coder_id: str, refs: list[ShardRef],
                   force: bool = False) -> list[dict[str, Any]]:

@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on 1 thread for a module's tests: deterministic and, on a shared loaded box, faster
+    than OpenMP spinning on 2. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server for the session (STACK.md: the 30 s default start-up times out here).

@@ -8,13 +8,7 @@ from encoders.training import classifier_accuracy, train_classifier
 from infra.datasets import load_digits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 1 thread: deterministic and, on a shared loaded box, faster than OpenMP spinning on 2.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
