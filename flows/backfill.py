@@ -22,7 +22,7 @@ STAGES = ("extract", "codes", "index")
 
 def dataset_indexes(store, dataset: str) -> list[str]:
     """Published index names of a dataset (names start with '<dataset>-', pipeline convention)."""
-    names = {i.key.split("/")[1] for i in store.list(layout.index_prefix("").rstrip("/") + "/")
+    names = {layout.name_under(layout.INDEXES_ROOT, i.key) for i in store.list(layout.INDEXES_ROOT)
              if i.key.endswith("/CURRENT")}
     return sorted(n for n in names if n.startswith(f"{dataset}-"))
 
@@ -30,9 +30,9 @@ def dataset_indexes(store, dataset: str) -> list[str]:
 def dataset_coders(store, dataset: str, model_id: str) -> list[str]:
     """Registered coders trained on (dataset, model_id) features."""
     out = []
-    for info in store.list("coders/"):
+    for info in store.list(layout.CODERS_ROOT):
         if info.key.endswith("/card.json"):
-            cid = info.key.split("/")[1]
+            cid = layout.name_under(layout.CODERS_ROOT, info.key)
             try:
                 card = coder_card(store, cid)
             except RegistryError:

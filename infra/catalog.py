@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from infra import layout
+from infra.manifests import list_quarantine
 from infra.store import Store, StoreError
 
 KINDS = ("datasets", "models", "coders", "indexes", "quarantine")
@@ -45,9 +46,9 @@ def _grouped(store: Store, prefix: str, depth: int) -> dict[str, list]:
 
 
 def _datasets(store: Store) -> list[Entry]:
-    raw = _grouped(store, "raw/", 1)
-    feats = _grouped(store, "features/", 2)
-    codes = _grouped(store, "codes/", 2)
+    raw = _grouped(store, layout.RAW_ROOT, 1)
+    feats = _grouped(store, layout.FEATURES_ROOT, 2)
+    codes = _grouped(store, layout.CODES_ROOT, 2)
     names = sorted(set(raw) | {k.split("/")[0] for k in feats} | {k.split("/")[0] for k in codes})
     out = []
     for ds in names:
@@ -70,16 +71,16 @@ def _cards(store: Store, prefix: str, kind: str) -> list[Entry]:
 
 
 def _models(store: Store) -> list[Entry]:
-    return _cards(store, "models/", "model")
+    return _cards(store, layout.MODELS_ROOT, "model")
 
 
 def _coders(store: Store) -> list[Entry]:
-    return _cards(store, "coders/", "coder")
+    return _cards(store, layout.CODERS_ROOT, "coder")
 
 
 def _indexes(store: Store) -> list[Entry]:
     out = []
-    for name, infos in sorted(_grouped(store, "indexes/", 1).items()):
+    for name, infos in sorted(_grouped(store, layout.INDEXES_ROOT, 1).items()):
         versions = sorted({i.key.split("/")[2] for i in infos if i.key.split("/")[2].startswith("v")})
         try:
             pointer = json.loads(store.read_bytes(layout.index_current_key(name)))
@@ -93,15 +94,8 @@ def _indexes(store: Store) -> list[Entry]:
 
 def _quarantine(store: Store) -> list[Entry]:
     out = []
-    for info in store.list("_quarantine/"):
-        if not info.key.endswith(".reason.json"):
-            continue
-        try:
-            record = json.loads(store.read_bytes(info.key))
-            reason = f"{record.get('stage')}: {record.get('reason')}"
-        except (StoreError, ValueError):
-            reason = "(reason record unreadable)"
-        name = info.key[len("_quarantine/"):-len(".reason.json")]
-        data = store.head(info.key[:-len(".reason.json")])
-        out.append(Entry("quarantined", name, reason, data.size if data else 0))
+    for record in list_quarantine(store):
+        copy = store.head(layout.quarantine_key(record["stage"], record["key"]))
+        out.append(Entry("quarantined", f"{record['stage']}/{record['key']}", record.get("reason", ""),
+                         copy.size if copy else 0))
     return out

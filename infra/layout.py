@@ -64,6 +64,19 @@ def part_of(key: str) -> int:
     return int(m.group(1))
 
 
+# top-level prefixes, for listings that span datasets (catalog, backfill)
+RAW_ROOT, FEATURES_ROOT, CODES_ROOT = "raw/", "features/", "codes/"
+MODELS_ROOT, CODERS_ROOT, INDEXES_ROOT, QUARANTINE_ROOT = "models/", "coders/", "indexes/", "_quarantine/"
+RESULTS_ROOT = "_prefect_results/"
+
+
+def name_under(root: str, key: str, depth: int = 1) -> str:
+    """The `depth` path segments of `key` after `root` ('indexes/', 'indexes/x/CURRENT' -> 'x')."""
+    if not key.startswith(root):
+        raise ValueError(f"{key!r} is not under {root!r}")
+    return "/".join(key[len(root):].split("/")[:depth])
+
+
 def raw_prefix(dataset: str) -> str:
     return f"raw/{dataset}/"
 
@@ -108,13 +121,31 @@ def index_current_key(name: str) -> str:
     return f"indexes/{name}/CURRENT"
 
 
+def manifests_prefix(stage: str, dataset: str, output_id: str) -> str:
+    return f"_manifests/{stage}/{dataset}/{output_id}/"
+
+
 def manifest_key(stage: str, dataset: str, output_id: str, part: int) -> str:
     """Manifest of one shard of one stage; `output_id` is the model/coder id ('-' for ingest)."""
-    return f"_manifests/{stage}/{dataset}/{output_id}/part-{part:05d}.json"
+    return f"{manifests_prefix(stage, dataset, output_id)}part-{part:05d}.json"
+
+
+def quarantine_prefix(stage: str | None = None) -> str:
+    return QUARANTINE_ROOT + (f"{stage}/" if stage else "")
 
 
 def quarantine_key(stage: str, key: str) -> str:
-    return f"_quarantine/{stage}/{key}"
+    return f"{quarantine_prefix(stage)}{key}"
+
+
+def quarantine_reason_key(stage: str, key: str) -> str:
+    """The reason record beside a quarantined shard."""
+    return quarantine_key(stage, key) + ".reason.json"
+
+
+def result_key(path: str) -> str:
+    """A Prefect result record (tasks/caching.py) in the store."""
+    return RESULTS_ROOT + path
 
 
 # -- imports: where each import source's shards land (flows/ingest.py, tasks/ingest.py) ----------

@@ -83,7 +83,7 @@ def partition_dates(store: Store, dataset: str, refs: Sequence[Any]) -> dict[int
     date, or when the shard was replaced since (the manifest's output checksum is not its ETag).
     Cost: two LISTs, then one small GET per shard that has a manifest (16 in flight)."""
     listed = {i.key for stage in ("ingest", "import")
-              for i in store.list(layout.manifest_key(stage, dataset, "-", 0).rsplit("/", 1)[0] + "/")}
+              for i in store.list(layout.manifests_prefix(stage, dataset, "-"))}
     wanted = [(ref, key) for ref in refs for stage in ("ingest", "import")
               if (key := layout.manifest_key(stage, dataset, "-", ref.part)) in listed]
     with ThreadPoolExecutor(16) as pool:
@@ -111,7 +111,7 @@ def quarantine_shard(store: Store, stage: str, key: str, reason: str, input_chec
         pass  # unreadable source: the reason file still records it
     record = {"stage": stage, "key": name or key, "input": src.uri_of(key), "reason": reason,
               "input_checksum": input_checksum, "code_version": code_version, "quarantined_at": time.time()}
-    store.write_bytes(qkey + ".reason.json", json.dumps(record, sort_keys=True).encode())
+    store.write_bytes(layout.quarantine_reason_key(stage, name or key), json.dumps(record, sort_keys=True).encode())
     return qkey
 
 
@@ -120,7 +120,7 @@ def quarantine_reason(store: Store, stage: str, key: str, input_checksum: str,
     """The recorded reason if this exact input was quarantined before by this code version (a
     reason can lie in the model or coder: NaN weights, another dimension), else None."""
     try:
-        record = json.loads(store.read_bytes(layout.quarantine_key(stage, key) + ".reason.json"))
+        record = json.loads(store.read_bytes(layout.quarantine_reason_key(stage, key)))
     except NotFound:
         return None  # any other StoreError propagates: a failed store is no reason to redo (or skip)
     except ValueError:
@@ -135,9 +135,8 @@ def quarantine_reason(store: Store, stage: str, key: str, input_checksum: str,
 
 def list_quarantine(store: Store, stage: str | None = None) -> list[dict[str, Any]]:
     """Every quarantine record (optionally for one stage), oldest first."""
-    prefix = "_quarantine/" + (f"{stage}/" if stage else "")
     out = []
-    for info in store.list(prefix):
+    for info in store.list(layout.quarantine_prefix(stage)):
         if info.key.endswith(".reason.json"):
             out.append(json.loads(store.read_bytes(info.key)))
     return sorted(out, key=lambda r: r["quarantined_at"])

@@ -51,7 +51,6 @@ from infra.settings import Settings
 from infra.store import Store, StoreError, open_store
 
 LOG = logging.getLogger(__name__)
-RESULTS_PREFIX = "_prefect_results"
 # the only serializer a replayed record is read with: stdlib json, no object hook (no import, no call)
 DATA_ONLY_JSON = JSONSerializer(object_decoder=None, object_encoder=None)
 
@@ -195,17 +194,17 @@ class StoreResults(WritableFileSystem):
     def read_path(self, path: str, _sync: bool = True) -> bytes:
         """One GET (+ one manifest GET for a shard record: `trusted_record`); raises StoreError when
         absent and UntrustedRecord when not replayable (Prefect reads either as "no record")."""
-        data = self._store().read_bytes(f"{RESULTS_PREFIX}/{path}")
+        data = self._store().read_bytes(layout.result_key(path))
         try:
             return trusted_record(path, data)
         except UntrustedRecord as e:
             LOG.warning("cache record %s not replayed (the task runs and checks its manifest): %s",
-                        self._store().uri_of(f"{RESULTS_PREFIX}/{path}"), e)
+                        self._store().uri_of(layout.result_key(path)), e)
             raise
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
         """One atomic PUT."""
-        self._store().write_bytes(f"{RESULTS_PREFIX}/{path}", content)
+        self._store().write_bytes(layout.result_key(path), content)
         return path
 
     async def aread_path(self, path: str) -> bytes:
