@@ -81,7 +81,7 @@ def cmd_doctor(args) -> int:
         print(f"  {k:24s} {v}")
     ok = True
     for check in doctor.checks(cfg):
-        print(f"{check.name + ':':9s} {'ok    ' if check.ok else 'FAILED'} {check.detail}")
+        print(f"{check.name + ':':9s} {'ok' if check.ok else 'FAILED:'} {check.detail}")
         ok &= check.ok or not check.required
     return 0 if ok else 1
 
