@@ -54,6 +54,10 @@ def deploy_env(settings: Any, pool: str, environ: dict[str, str] | None = None) 
         env[key] = resolved.get(key, "")
     env.setdefault("CODESHARD_NOTIFY_BLOCK", "")
     env["CODESHARD_POOL"] = pool
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # the API this process uses (a profile or temporary settings)
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
     return env
 
 
@@ -157,7 +161,7 @@ def deploy_all(settings: Any, pool: str, path: Path = PREFECT_YAML, timeout: flo
         r = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
                            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+        raise RuntimeError(f"prefect deploy failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r.stdout
 
 
