@@ -38,7 +38,7 @@ def resolve_bits(coder: Any, bits: int | None) -> int:
     return int(bits)
 
 
-@flow(name="build-index", log_prints=True, task_runner=SettingsTaskRunner())
+@flow(name="build-index", flow_run_name="build index of {dataset} {coder_id}", log_prints=True, task_runner=SettingsTaskRunner())
 def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str | None = None,
                 memory_budget: str | int = "2GB", force: bool = False, shards_per_task: int | None = None,
                 index_type: str | None = None, exclude_split: str | None = None,

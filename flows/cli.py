@@ -258,8 +258,9 @@ def cmd_serve(args) -> int:
     from flows.limits import ensure_heavy_limit
     from infra.settings import Settings
 
-    ensure_heavy_limit(Settings.load(**overrides(args)).heavy_limit)
-    serve_all()
+    cfg = Settings.load(**overrides(args))
+    ensure_heavy_limit(cfg.heavy_limit)
+    serve_all(cfg)
     return 0
 
 
@@ -268,10 +269,10 @@ def cmd_deploy(args) -> int:
     from flows.limits import ensure_heavy_limit
     from infra.settings import Settings
 
-    ensure_heavy_limit(Settings.load(**overrides(args)).heavy_limit)
-    for dep_id in deploy_all(args.pool):
-        print("deployed", dep_id)
-    print(f"start a worker: prefect worker start --pool {args.pool}  (with CODESHARD_REPO={os.getcwd()})")
+    cfg = Settings.load(**overrides(args))
+    ensure_heavy_limit(cfg.heavy_limit)
+    print(deploy_all(cfg, args.pool))
+    print(f"start a worker: prefect worker start --pool {args.pool}")
     return 0
 
 
@@ -502,8 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also refuse when more than this fraction of queries right at top-1 under the "
                          "old model turn wrong (negative flips; default: mAP cells only)")
 
-    add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL)")
-    sp = add("deploy", cmd_deploy, "register prefect.yaml's deployments with a work pool")
+    add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL); "
+        "refuses prefect.yaml keys it cannot honour")
+    sp = add("deploy", cmd_deploy, "`prefect deploy --all` over prefect.yaml into a work pool (created as a process "
+             "pool when missing), with these settings in every deployment's job_variables.env")
     sp.add_argument("--pool", required=True)
     return p
 

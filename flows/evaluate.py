@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from encoders.evaluation import BASELINES
 from flows.limits import ensure_heavy_limit
 from infra import layout
-from infra.reports import read_csv_rows, to_markdown, write_report
+from infra.reports import plot_markdown, read_csv_rows, to_markdown, write_report
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import open_store
@@ -53,6 +53,8 @@ def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits
     title = f"{dataset} / {model_id}: mAP@{'all' if R is None else R}, query vs database"
     uris = write_report(store, dataset, run_id, rows, title)
     create_table_artifact(table=rows, key=layout.artifact_key("eval", dataset, model_id), description=title)
-    create_markdown_artifact(markdown=f"## {title}\n\n{to_markdown(rows)}\n\nPlot: {uris['map_vs_bits.png']}",
+    png = store.read_bytes(layout.report_prefix(dataset, run_id) + "map_vs_bits.png")
+    create_markdown_artifact(markdown=f"## {title}\n\n{to_markdown(rows)}\n\n"
+                                      f"{plot_markdown(png, title, uris['map_vs_bits.png'])}",
                              key=layout.artifact_key("eval-md", dataset, model_id), description=title)
     return {"run_id": run_id, "rows": rows, "report": uris}

@@ -17,7 +17,7 @@ from flows.fanout import submit_shard_tasks
 from tasks.extract import check_ids_across_shards, extract_shard, extract_shards
 
 
-@flow(name="extract-features", log_prints=True, task_runner=SettingsTaskRunner())
+@flow(name="extract-features", flow_run_name="extract {dataset} with {model_id}", log_prints=True, task_runner=SettingsTaskRunner())
 def extract_features(dataset: str, model_id: str, shards: str | None = None, force: bool = False,
                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract features for raw/<dataset>/ shards in `shards` ('120:180' or '0:3,7'; default all) with

@@ -19,7 +19,7 @@ from tasks.codes import coder_id_for, encode_shard, encode_shards, train_coder
 DEFAULT_METHODS = {"drq": 64}
 
 
-@flow(name="train-coders", log_prints=True, task_runner=SettingsTaskRunner())
+@flow(name="train-coders", flow_run_name="train coders on {dataset} {model_id}", log_prints=True, task_runner=SettingsTaskRunner())
 def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = None,
                  params: dict[str, dict[str, Any]] | None = None, force: bool = False,
                  settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -36,7 +36,7 @@ def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = N
     return cards
 
 
-@flow(name="encode", log_prints=True, task_runner=SettingsTaskRunner())
+@flow(name="encode", flow_run_name="encode {dataset} with {coder_ids}", log_prints=True, task_runner=SettingsTaskRunner())
 def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None = None,
            force: bool = False, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Encode features/<dataset>/<model_id>/ shards (in `shards`: '120:180' or '0:3,7') with each
@@ -59,7 +59,7 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
     return summaries
 
 
-@flow(name="generate-codes", log_prints=True, task_runner=SettingsTaskRunner())
+@flow(name="generate-codes", flow_run_name="codes for {dataset} {model_id}", log_prints=True, task_runner=SettingsTaskRunner())
 def generate_codes(dataset: str, model_id: str, methods: dict[str, int] | None = None,
                    shards: str | None = None, force: bool = False,
                    settings: dict[str, Any] | None = None) -> dict[str, Any]:

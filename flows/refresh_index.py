@@ -29,7 +29,7 @@ from infra.settings import Settings
 from infra.store import open_store
 
 
-@flow(name="refresh-index", log_prints=True, task_runner=SettingsTaskRunner())
+@flow(name="refresh-index", flow_run_name="refresh {name}", log_prints=True, task_runner=SettingsTaskRunner())
 def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempts: int = 3,
                   shards_per_task: int | None = None, allow_removal: str | None = None) -> dict[str, Any]:
     """Publish a new version of index `name` with the shards added (or changed/removed) since its

@@ -72,7 +72,7 @@ def val_metrics(coder, val, gallery) -> dict[str, float]:
     return out
 
 
-@task(name="train_coder", tags=["heavy"])
+@task(name="train_coder", task_run_name="train {method} {bits}b on {dataset} {model_id}", tags=["heavy"])
 def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bits: int,
                 params: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
     """Fit `method` at `bits` on the train split of (dataset, model_id) features, selecting on val;
@@ -120,7 +120,7 @@ def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
                        encode_code_version(coder_card(store, coder_id)))
 
 
-@task(name="encode_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
+@task(name="encode_shard", task_run_name="encode {dataset} part {ref.part:05d} with {coder_id}", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error, tags=["heavy"], cache_policy=ShardCache(describe=_cache_target),
       result_serializer="json")
 def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str, ref: ShardRef,
@@ -156,7 +156,7 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
     return outcome.as_dict()
 
 
-@task(name="encode_shards", tags=["heavy"])
+@task(name="encode_shards", task_run_name="encode {dataset} parts {refs[0].part:05d}+ with {coder_id}", tags=["heavy"])
 def encode_shards(settings: Settings, dataset: str, model_id: str, coder_id: str, refs: list[ShardRef],
                   force: bool = False) -> list[dict[str, Any]]:
     """`encode_shard` over a batch of shards in one task run (more shards than

@@ -36,7 +36,7 @@ def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
                        layout.features_key(dataset, model_id, ref.part), code_version(model_card(store, model_id)))
 
 
-@task(name="extract_shard", retries=3, retry_delay_seconds=exponential_backoff(1),
+@task(name="extract_shard", task_run_name="extract {dataset} part {ref.part:05d}", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error, tags=["heavy"], cache_policy=ShardCache(describe=_cache_target),
       result_serializer="json")
 def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef,
@@ -100,7 +100,7 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
     return outcome.as_dict()
 
 
-@task(name="extract_shards", tags=["heavy"])
+@task(name="extract_shards", task_run_name="extract {dataset} parts {refs[0].part:05d}+", tags=["heavy"])
 def extract_shards(settings: Settings, dataset: str, model_id: str, refs: list[ShardRef],
                    force: bool = False) -> list[dict[str, Any]]:
     """`extract_shard` over a batch of shards in one task run (datasets with more shards than

@@ -7,27 +7,32 @@ import anyio
 import pytest
 from prefect import flow, task
 
-from flows.deployments import deployment_specs, runner_deployments
+from flows.deployments import load_flow, runner_deployments
 from flows.limits import ensure_heavy_limit
 from infra.store import open_store
 from tests.conftest import settings_dict
 from tests.helpers import register_untrained_cnn
 
-EXPECTED = {
-    "nightly-extract": ("0 2 * * *", {"dataset", "model_id"}),
-    "nightly-codes": ("30 2 * * *", {"dataset", "model_id", "methods"}),
-    "index-refresh": ("0 3 * * *", {"name"}),
-    "model-update": (None, {"dataset", "old_model_id", "arch", "method"}),
-    "backfill": (None, {"dataset", "model_id", "stages"}),  # each run passes shards or dates
+EXPECTED = {  # name: (schedule, trigger event, parameters)
+    "discover": ("interval", None, {"dataset", "model_id"}),
+    "extract": (None, "codeshard.raw.discovered", {"dataset", "model_id"}),
+    "codes": (None, "codeshard.features.extracted", {"dataset", "model_id", "methods"}),
+    "index-refresh": (None, "codeshard.codes.encoded", {"name"}),
+    "model-update": (None, None, {"dataset", "old_model_id", "arch", "method"}),
+    "backfill": (None, None, {"dataset", "model_id", "stages"}),  # each run passes shards or dates
 }
 
 
-def test_prefect_yaml_deployments_register_with_schedules(prefect_server):
+def test_prefect_yaml_deployments_serve_with_schedules_and_triggers(prefect_server):
+    """What `codeshard serve` registers: every prefect.yaml entry, with its schedule or its trigger
+    (the chain is event-driven: no clock offsets), parameters valid for the flow, and a timeout."""
     from prefect.client.orchestration import get_client
 
-    specs = deployment_specs()
-    assert {s["name"] for s in specs} == set(EXPECTED)
-    deployments = runner_deployments(specs)
+    from flows.deployments import load_project
+
+    project = load_project()
+    assert {s["name"] for s in project["deployments"]} == set(EXPECTED)
+    deployments = runner_deployments(project)
 
     async def register_and_read():
         async with get_client() as client:
@@ -38,17 +43,20 @@ def test_prefect_yaml_deployments_register_with_schedules(prefect_server):
             return out
 
     read = anyio.run(register_and_read)
-    for name, (cron, params) in EXPECTED.items():
+    by_name = {d.name: d for d in deployments}
+    for name, (schedule, event, params) in EXPECTED.items():
         dep = read[name]
-        crons = [s.schedule.cron for s in dep.schedules]
-        assert crons == ([cron] if cron else []), name
+        kinds = [type(s.schedule).__name__.removesuffix("Schedule").lower() for s in dep.schedules]
+        assert kinds == ([schedule] if schedule else []), name
+        assert [e for t in by_name[name].triggers for e in t.expect] == ([event] if event else []), name
         assert set(dep.parameters) == params, name
         # parameters validate against the flow's signature (a typo in prefect.yaml fails here)
         assert set(dep.parameters) <= set(dep.parameter_openapi_schema["properties"]), name
+        assert load_flow(project["deployments"][list(EXPECTED).index(name)]["entrypoint"]).timeout_seconds, name
     assert {"shards", "dates"} <= set(read["backfill"].parameter_openapi_schema["properties"])
     refresh = read["index-refresh"]
     assert refresh.global_concurrency_limit.limit == 1
-    assert str(refresh.concurrency_options.collision_strategy).endswith("CANCEL_NEW")
+    assert str(refresh.concurrency_options.collision_strategy).endswith("ENQUEUE")
 
 
 @pytest.mark.s3

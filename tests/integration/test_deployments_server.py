@@ -1,0 +1,148 @@
+"""prefect.yaml against a real `prefect server start`, a process work pool and a worker: new raw
+shards move the index's CURRENT with nobody starting anything; a bad shard is quarantined and the
+rest is published; a failing stage notifies and starts nothing after it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from flows.deployments import PREFECT_YAML, deploy_all, load_project
+from infra import indexes as ix
+from infra import layout
+from infra.settings import Settings
+from infra.shards import read_table, write_table
+from infra.store import open_store
+from tests.helpers import register_untrained_cnn
+from tests.integration.prefect_server import prefect_server, process_worker
+
+DATASET, MODEL, METHOD, BITS = "digits", "test-cnn", "itq", 16
+CODER = f"{METHOD}-{BITS}-{MODEL}"
+INDEX = "digits-e2e"
+CHAIN_BOUND_S = 240
+
+
+def project_for_test(path: Path) -> Path:
+    """The shipped prefect.yaml with digits/test-cnn parameters, a 10 s discovery and its triggers
+    matching digits (nothing else changed: this is the file users deploy)."""
+    project = load_project(PREFECT_YAML)
+    rid = f"codeshard.dataset.{DATASET}.{MODEL}"
+    for spec in project["deployments"]:
+        params = spec.get("parameters", {})
+        params.update({k: v for k, v in {"dataset": DATASET, "model_id": MODEL}.items() if k in params})
+        if "methods" in params:
+            params["methods"] = {METHOD: BITS}
+        if spec["name"] == "index-refresh":
+            params["name"] = INDEX
+        if spec["name"] == "discover":
+            spec["schedules"] = [{"interval": 10}]
+        for t in spec.get("triggers", []):
+            t["match"]["prefect.resource.id"] = rid
+    path.write_text(yaml.safe_dump(project, sort_keys=False))
+    return path
+
+
+def land_new_shards(store) -> None:
+    """part 6: gallery rows of part 0 under new ids (no train/val rows: the coder stays);
+    part 7: the same with unreadable images (fails validation -> quarantine)."""
+    t = read_table(store, layout.raw_key(DATASET, 0))
+    t = t.filter(pc.equal(t.column("split"), "database"))
+    t = t.set_column(t.schema.get_field_index("id"), "id", pc.add(t.column("id"), 1_000_000))
+    write_table(store, layout.raw_key(DATASET, 6), t)
+    bad = t.set_column(t.schema.get_field_index("id"), "id", pc.add(t.column("id"), 1_000_000))
+    bad = bad.set_column(bad.schema.get_field_index("image"), "image",
+                         pa.array([b"not a png"] * len(bad), type=t.schema.field("image").type))
+    write_table(store, layout.raw_key(DATASET, 7), bad)
+
+
+def flow_runs(url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_flow_runs()
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return anyio.run(read)
+
+
+def test_new_shards_drive_the_chain_to_a_new_index_version(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.build_index import build_index
+    from flows.extract_features import extract_features
+    from flows.generate_codes import generate_codes
+    from flows.ingest import ingest
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    cfg = Settings.load(store=f"file://{tmp_path / 'store'}", max_workers=2, heavy_limit=2)
+    params = {"store": cfg.store, "max_workers": 2}
+    store = open_store(cfg)
+    with prefect_server(home) as url, temporary_settings({PREFECT_API_URL: url}):
+        # day 0, run by hand: 6 raw shards, features, an itq coder, index v1
+        assert ingest(DATASET, shard_rows=300, settings=params)["done"] == 6
+        register_untrained_cnn(store, MODEL)
+        extract_features(DATASET, MODEL, settings=params)
+        generate_codes(DATASET, MODEL, {METHOD: BITS}, settings=params)
+        v1 = build_index(DATASET, CODER, BITS, INDEX, settings=params)["version"]
+
+        out = deploy_all(cfg, "codeshard-e2e", path=project_for_test(tmp_path / "prefect.yaml"))
+        assert "discover" in out and "index-refresh" in out, out
+
+        async def deployments():
+            async with get_client() as c:
+                return {d.name: d for d in await c.read_deployments()}
+
+        deps = anyio.run(deployments)
+        assert set(deps) == {"discover", "extract", "codes", "index-refresh", "model-update", "backfill"}
+        assert deps["extract"].job_variables["env"]["CODESHARD_STORE"] == cfg.store  # workers need no exports
+        assert deps["extract"].job_variables["env"]["CODESHARD_HEAVY_LIMIT"] == "2"
+        assert deps["index-refresh"].pull_steps == [] and not deps["extract"].schedules
+        assert [s.schedule.interval.total_seconds() for s in deps["discover"].schedules] == [10]
+
+        with process_worker(home, url, "codeshard-e2e"):
+            land_new_shards(store)  # nobody starts anything after this
+            t0 = time.monotonic()
+            while True:
+                cur = ix.read_current(store, INDEX)
+                if cur.version > v1:
+                    inputs = {layout.part_of(i["key"]) for i in ix.read_build(store, INDEX, cur.version)["inputs"]}
+                    if 6 in inputs:
+                        break
+                assert time.monotonic() - t0 < CHAIN_BOUND_S, (
+                    [(r.name, r.state_name) for r in flow_runs(url)],
+                    (home / "worker-codeshard-e2e.log").read_text()[-4000:])
+                time.sleep(2)
+            assert 7 not in inputs  # quarantined, the rest published
+            assert store.exists(layout.quarantine_key("extract", layout.raw_key(DATASET, 7)) + ".reason.json")
+
+            runs = {r.name: r for r in flow_runs(url)}
+            for name in (f"extract {DATASET} parts 6:8 with {MODEL}", f"encode {DATASET} parts 6 ({MODEL} features)",
+                         f"refresh index {INDEX}"):
+                assert runs[name].state_name == "Completed", name
+
+            # a failing stage notifies (run log + artifact) and emits nothing: no index run follows it
+            n_refresh = sum(r.name.startswith("refresh index") for r in flow_runs(url))
+            failed = run_deployment("codes-stage/codes", parameters={"model_id": "no-such-model"}, timeout=120)
+            assert failed.state.is_failed(), failed.state
+
+            async def notification():
+                async with get_client() as c:
+                    art = await c.read_latest_artifacts()
+                    logs = await c.read_logs()
+                    return art, logs
+
+            arts, logs = anyio.run(notification)
+            assert any(a.key == "failure-codes-stage" and "no-such-model" in str(a.data) for a in arts)
+            assert any(l.flow_run_id == failed.id and "codeshard: codes-stage run" in l.message for l in logs)
+            time.sleep(5)
+            assert sum(r.name.startswith("refresh index") for r in flow_runs(url)) == n_refresh
