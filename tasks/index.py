@@ -112,7 +112,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     digest = ix.digest_of({"train": INDEX_CODE_VERSION, "type": p.index_type, "nlist": p.nlist,
                            "coder": card["checksum"], "bits": bits,
                            "shards": [(r.key, r.checksum) for r in refs]})
-    key = ix.staging_prefix(name, "train-" + digest) + ix.TRAINED_FILE
+    key = ix.staging_key_prefix(name, "train-" + digest) + ix.TRAINED_FILE
     info = store.head(key)
     if info is not None:
         return {"key": key, "checksum": info.etag, "status": "skipped", "rows": 0, "seconds": 0.0}
@@ -163,7 +163,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
                            "bytes": p.bytes_per_item, "nlist": p.nlist, "coder": card["checksum"],
                            "bits": bits, "trained": (trained or {}).get("checksum"), "exclude": exclude_split,
                            "shards": [(r.key, r.checksum) for r in refs]})
-    prefix = ix.staging_prefix(name, digest)
+    prefix = ix.staging_key_prefix(name, digest)
     try:
         stats = json.loads(store.read_bytes(prefix + ix.STATS_FILE))
         if stats.get("format") == ix.FORMAT:
