@@ -34,7 +34,7 @@ from infra.index_plan import (APPROX_OF, BINARY_FLAT, BINARY_IVF, BINARY_STORAGE
 from infra.index_versions import (BUILD_FILE, CLAIM_FILE, FORMAT, IDS_FILE, INDEX_FILE, STATS_FILE,  # noqa: F401
                                   TRAINED_FILE, BuildRecord, Current, cached_index_file, claim_version,
                                   commit_current, digest_of, discard_version, load_version, new_build_id,
-                                  peak_rss_bytes, read_build, read_current, staging_key_prefix, write_build,
+                                  peak_rss_bytes, read_build, read_current, staging_key_prefix, version_key, write_build,
                                   write_version_files)
 
 EXACT_RECALL_GATE = 0.99  # an exact index that disagrees with its coder more than this is not published
