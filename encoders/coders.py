@@ -46,6 +46,13 @@ class Coder(ABC):
     def full_bits(self) -> int:
         return self.lengths[-1]
 
+    def additive_codebooks(self, bits: int) -> "tuple[np.ndarray, int, str] | None":
+        """((levels, K, d) float32 codebooks, bits per level, 'ip' | 'l2') when codes at `bits` are
+        additive: score(q, code) = <embed(q), z_hat> (or -||embed(q) - z_hat||^2) with
+        z_hat = sum_m codebooks[m][b_m]. None (the default) for any other coder: indexes then fall
+        back to the coder's own scan."""
+        return None
+
     @abstractmethod
     def fit(self, train: np.ndarray, labels: np.ndarray,
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:

@@ -316,6 +316,17 @@ class DRQCoder(Coder):
             raise RuntimeError("drq: coder is not fitted; call fit() or from_state() first")
         return self.net
 
+    def additive_codebooks(self, bits: int) -> tuple[np.ndarray, int, str] | None:
+        """(levels, K, dim) codebooks s_m·C, log2(K) bits per level and the score ('ip' | 'l2') of the
+        codes at `bits`: z_hat = sum_m s_m C[b_m]. None when the score is not additive ('cos')."""
+        if self.config.score not in ("ip", "l2"):
+            return None
+        net, levels = self._require_fit(), self._levels_for(bits)
+        with torch.no_grad():
+            cb = net.codebook.detach().cpu().numpy().astype(np.float32)
+            s = net.scales(levels).detach().cpu().numpy().astype(np.float32).reshape(-1)
+        return np.stack([s[m] * cb for m in range(levels)]), self.config.bits_per_level, self.config.score
+
     def prefix_codes(self, codes: np.ndarray, bits: int) -> np.ndarray:
         """First `bits` bits of full codes; for K < 256 a length that ends inside a byte keeps that byte
         with its unused high bits cleared, so equal prefixes give equal bytes."""

@@ -371,3 +371,16 @@ def mean_average_precision(scores: np.ndarray | ScoreChunkFn, query_labels: np.n
     out.update({f"p_at_{k}": float(v) / nq for k, v in zip(precision_ks, p_sum)})
     out.update({f"r_at_{k}": float(v) / nq for k, v in zip(recall_ks, r_sum)})
     return out
+
+
+def tie_aware_recall(returned_scores: np.ndarray, kth_scores: np.ndarray, k: int,
+                     rel_tol: float = 1e-4) -> float:
+    """Recall@k of an approximate top-k against the exact ranking, counting ties as hits.
+
+    `returned_scores` (nq, >= k): the exact score of each returned item (higher is better);
+    `kth_scores` (nq,): the exact k-th best score per query. Returns the mean fraction of the k
+    returned items whose score reaches the k-th best (minus rel_tol·max(1, |kth|) for float
+    rounding): 1.0 means 'the exact top-k up to ties'. O(nq·k)."""
+    kth = np.asarray(kth_scores)[:, None]
+    tol = rel_tol * np.maximum(1.0, np.abs(kth))
+    return float((np.asarray(returned_scores)[:, :k] >= kth - tol).sum(axis=1).mean() / k)

@@ -21,6 +21,7 @@ from infra import indexes as ix
 from infra import layout
 from infra.planner import ShardRef, batch_shards, select_shards
 from infra.registry import load_coder
+from infra.devices import use_device
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.store import PreconditionFailed, Store, open_store
@@ -42,6 +43,7 @@ def resolve_bits(coder: Any, bits: int | None) -> int:
 def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str | None = None,
                 memory_budget: str | int = "2GB", force: bool = False, shards_per_task: int | None = None,
                 index_type: str | None = None, exclude_split: str | None = None,
+                recall_target: float = ix.RECALL_TARGET, device: str = "cpu",
                 settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build and publish index `name` over codes/<dataset>/<coder_id>/ at `bits` (default: full).
 
@@ -52,6 +54,10 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     Skipped (status 'skipped') when CURRENT already covers exactly these shards with this coder and
     length, unless `force`. A build that loses the race for CURRENT to another writer is discarded
     and returns status 'superseded' (run `codeshard index refresh` to add anything newer).
+    `index_type`: our type name or a faiss index_factory string ('IVF4096,PQ8x8', 'BIVF1024'); None:
+    the memory-budget rule chooses. IVF / HNSW indexes get the smallest nprobe / efSearch reaching
+    recall@10 >= `recall_target` against exact search (build.json 'plan' and 'eval.tuning').
+    `device`: 'cuda' trains coarse quantizers with faiss on the GPU (falls back to CPU, logged).
     Returns a small summary: status, version, uri, n, index_type, recall_at_10, p50/p99 ms, seconds.
     """
     layout.check_names(dataset=dataset, coder=coder_id)  # the index name once its default is known, below
@@ -83,8 +89,8 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     groups = batch_shards(refs, max_tasks=-(-len(refs) // COUNT_SHARDS_PER_TASK))
     rows = [r for f in [count_rows.submit(cfg, g) for g in groups] for r in f.result()]
     n, bpi = sum(rows), coder.bytes_per_item(bits)
-    plan = ix.choose_index(n, bpi, ix.index_kind(coder), budget,
-                           adc_engine=ix.adc_engine_for(coder, bits), index_type=index_type)
+    plan = ix.choose_index(n, bpi, ix.index_kind(coder), budget, adc_engine=ix.adc_engine_for(coder, bits),
+                           index_type=index_type, codec=ix.codec_of(coder, bits))
     per = shards_per_task or ix.shards_per_task(n / len(refs), bpi, budget, cfg.max_workers, len(refs))
     batches = [refs[i:i + per] for i in range(0, len(refs), per)]
     log.info("index %s: %s over N=%d %s codes of %d bytes (%s; ~%s resident), %d shards in %d batches",
@@ -94,6 +100,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
             "coder_checksum": card["checksum"], "method": card.get("method", coder.method),
             "model_id": card.get("model_id"), "bits": bits, "memory_budget": budget,
             "index_type_requested": index_type, "exclude_split": exclude_split, "based_on": None,
+            "recall_target": recall_target, "device": use_device(device),
             "plan_s": time.perf_counter() - t0}
     return run_build(cfg, store, name, coder_id, bits, plan, batches, current, budget, meta)
 
@@ -112,7 +119,8 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
     pd = plan.as_dict()
     train_s, staged = 0.0, []
     if plan.needs_training and trained is None:
-        tr = train_index.submit(cfg, name, coder_id, bits, pd, [r for b in batches for r in b]).result()
+        tr = train_index.submit(cfg, name, coder_id, bits, pd, [r for b in batches for r in b],
+                                device=meta.get("device", "cpu")).result()
         trained, train_s = {"key": tr["key"], "checksum": tr["checksum"]}, tr["seconds"]
         staged.append(tr["key"].rsplit("/", 1)[0] + "/")
     t_add = time.perf_counter()

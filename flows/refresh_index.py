@@ -85,6 +85,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
         meta = {**{k: prev[k] for k in ("format", "name", "dataset", "coder_id", "coder_checksum", "method",
                                          "model_id", "bits", "memory_budget", "index_type_requested")},
                 "exclude_split": prev.get("exclude_split", "query"),  # kept: older builds left queries out
+                "recall_target": prev.get("recall_target"), "device": prev.get("device", "cpu"),
                 "mode": "refresh", "based_on": current.version, "attempt": attempt,
                 "delta": {"added": [r.key for r in delta.added], "changed": [r.key for r in delta.changed],
                           "removed": [i["key"] for i in delta.removed], "unchanged": delta.unchanged},

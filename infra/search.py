@@ -72,8 +72,13 @@ class Searcher:
     """Search index `name` in `store`, always on the version CURRENT names (checked at most every
     `poll_seconds`). Thread-safe. `meta_cache_parts`: raw/features shards kept in memory."""
 
-    def __init__(self, store: Store, name: str, poll_seconds: float = 5.0, meta_cache_parts: int = 64):
+    def __init__(self, store: Store, name: str, poll_seconds: float = 5.0, meta_cache_parts: int = 64,
+                 cache_dir: str | None = None):
+        """`cache_dir`: a local directory where index files of published versions are kept and
+        memory-mapped (IO_FLAG_MMAP): the codes are page cache, shared by every process of the host
+        and evictable, so a reload does not hold two private copies. None: read into memory."""
         self.store, self.name, self.poll_seconds = store, name, poll_seconds
+        self.cache_dir = cache_dir
         self._lock = threading.RLock()
         self._versions: collections.OrderedDict[int, LoadedVersion] = collections.OrderedDict()
         self._live: LoadedVersion | None = None
@@ -110,7 +115,7 @@ class Searcher:
 
     def _load(self, version: int) -> LoadedVersion:
         t0 = time.perf_counter()
-        ci, build = ix.load_version(self.store, self.name, version)
+        ci, build = ix.load_version(self.store, self.name, version, cache_dir=self.cache_dir)
         coder, card = load_coder(self.store, build["coder_id"])
         if card["checksum"] != build["coder_checksum"]:
             raise SearchError(f"coder {build['coder_id']} changed since {self.name} v{version} was built; "
@@ -121,13 +126,15 @@ class Searcher:
         return LoadedVersion(version, ci, build, coder, np.argsort(ci.ids, kind="stable"))
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int = 10, with_metadata: bool = True) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int = 10, with_metadata: bool = True,
+               nprobe: int | None = None) -> SearchResult:
         """Top-k for float query features (nq, D) float32 (or one (D,) vector). Cost: the coder's
-        query encoding plus the index search (flat types scan N codes per query). k >= 1."""
+        query encoding plus the index search (flat types scan N codes per query; IVF types the
+        nprobe lists tuned at build time, or `nprobe` for this call; HNSW: efSearch). k >= 1."""
         check_k(k)
         lv = self.current()
         q = ix.prepare_queries(lv.ci.plan, lv.coder, lv.ci.bits, queries)
-        return self._result(lv, q, k, with_metadata)
+        return self._result(lv, q, k, with_metadata, nprobe)
 
     def search_by_id(self, item_id: int, k: int = 10, with_metadata: bool = True) -> SearchResult:
         """Top-k for the stored feature of `item_id` (read from its features shard, cached). Binary and
@@ -146,8 +153,9 @@ class Searcher:
             ix.stored_vectors_at(lv.ci, np.array([pos])).astype(np.float32)
         return self._result(lv, q, k, with_metadata)
 
-    def _result(self, lv: LoadedVersion, q: np.ndarray, k: int, with_metadata: bool) -> SearchResult:
-        scores, pos = ix.search_prepared(lv.ci, lv.coder, q, k)
+    def _result(self, lv: LoadedVersion, q: np.ndarray, k: int, with_metadata: bool,
+                nprobe: int | None = None) -> SearchResult:
+        scores, pos = ix.search_prepared(lv.ci, lv.coder, q, k, nprobe=nprobe)
         ids = np.where(pos >= 0, lv.ci.ids[np.maximum(pos, 0)], -1)
         hits = []
         for r in range(len(pos)):

@@ -45,6 +45,8 @@ BREAKER_COOLDOWN_S = 30.0  # an open breaker lets one probe through after this l
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+MULTIPART_THRESHOLD = 512 * 2**20   # S3 objects above this go up in parts (a single PUT stops at 5 GB)
+MULTIPART_PART_BYTES = 64 * 2**20   # 10,000 parts max: 640 GB objects
 
 
 class StoreError(RuntimeError):
@@ -203,6 +205,19 @@ class Store:
     def copy(self, src: str, dst: str) -> None:
         self.write_bytes(dst, self.read_bytes(src))
 
+    # -- local files (large objects: index files) ------------------------------------------
+    def upload_file(self, key: str, path: str) -> str:
+        """Write `key` from a local file; returns the new ETag. S3 streams it (multipart above
+        `multipart_threshold`); this default reads the file into memory."""
+        with open(path, "rb") as f:
+            return self.write_bytes(key, f.read())
+
+    def download_file(self, key: str, path: str) -> None:
+        """Copy `key` into the local file `path` (S3: streamed in parts, never whole in memory)."""
+        data = self.read_bytes(key)
+        with open(path, "wb") as f:
+            f.write(data)
+
     # -- streaming (pyarrow) ---------------------------------------------------------------
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         """(pyarrow filesystem, base path) for streaming reads of large objects."""
@@ -279,6 +294,16 @@ class LocalStore(Store):
     def read_with_etag(self, key: str) -> tuple[bytes, str]:
         data = self.read_bytes(key)
         return data, hashlib.md5(data).hexdigest()
+
+    def download_file(self, key: str, path: str) -> None:
+        """A file copy (never whole in memory)."""
+        import shutil
+
+        self._count_read(key)
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise StoreError(f"no object at {self.uri_of(key)}") from None
 
     def write_bytes(self, key: str, data: bytes) -> str:
         """Temp file (mode FILE_MODE) + fsync + rename. OSError (disk full, read-only) -> StoreError."""
@@ -476,9 +501,47 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def write_bytes(self, key: str, data: bytes) -> str:
+        """One PUT; above `multipart_threshold` (S3 refuses single PUTs over 5 GB) a multipart upload."""
+        if len(data) > self.multipart_threshold:
+            import io
+
+            return self._upload(key, io.BytesIO(data))
         self._count_write(key)
         r = self._call("put", key, self.client.put_object, Key=self._k(key), Body=data)
         return r["ETag"].strip('"')
+
+    # -- multipart: large objects go up in parts (boto3 transfer), streamed both ways ---------
+    multipart_threshold = MULTIPART_THRESHOLD
+    multipart_part_bytes = MULTIPART_PART_BYTES
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold,
+                              multipart_chunksize=self.multipart_part_bytes, max_concurrency=4, use_threads=True)
+
+    def _upload(self, key: str, fileobj) -> str:
+        """Multipart upload (boto3 transfer: parts retried one by one, the upload aborted on failure),
+        then one HEAD for the ETag ('<md5 of part md5s>-<parts>')."""
+        self._count_write(key)
+        self._call("put", key, lambda Bucket, **kw: self.client.upload_fileobj(
+            fileobj, Bucket, self._k(key), Config=self._transfer_config()))
+        info = self.head(key)
+        if info is None:
+            raise StoreError(f"put {self.uri_of(key)}: the multipart upload completed but the object is missing")
+        return info.etag
+
+    def upload_file(self, key: str, path: str) -> str:
+        if os.path.getsize(path) <= self.multipart_threshold:
+            with open(path, "rb") as f:
+                return self.write_bytes(key, f.read())
+        with open(path, "rb") as f:
+            return self._upload(key, f)
+
+    def download_file(self, key: str, path: str) -> None:
+        self._count_read(key)
+        self._call("get", key, lambda Bucket, **kw: self.client.download_file(
+            Bucket, self._k(key), path, Config=self._transfer_config()))
 
     def put_if(self, key: str, data: bytes, *, if_match: str | None = None,
                if_none_match: bool = False) -> str:

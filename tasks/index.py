@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from infra import indexes as ix
 from infra import layout
+from infra.devices import use_device
 from infra.manifests import writer
 from infra.planner import ShardRef
 from infra.registry import load_coder
@@ -101,7 +102,7 @@ def count_rows(settings: Settings, refs: list[ShardRef]) -> list[int]:
 @task(name="train_index", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error, tags=["heavy"])
 def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: dict[str, Any],
-                refs: list[ShardRef]) -> dict[str, Any]:
+                refs: list[ShardRef], device: str = "cpu") -> dict[str, Any]:
     """Train the coarse quantizer of an IVF plan on codes sampled from `refs` (evenly spread shards,
     up to 64 rows per list) and stage the empty trained index. Skipped when already staged.
     Memory: the sample (<= 262144 rows) plus the k-means state."""
@@ -113,7 +114,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     digest = ix.digest_of({"train": INDEX_CODE_VERSION, "type": p.index_type, "nlist": p.nlist,
                            "coder": card["checksum"], "bits": bits,
                            "shards": [(r.key, r.checksum) for r in refs]})
-    key = ix.staging_prefix(name, "train-" + digest) + ix.TRAINED_FILE
+    key = ix.staging_key_prefix(name, "train-" + digest) + ix.TRAINED_FILE
     info = store.head(key)
     if info is not None:
         return {"key": key, "checksum": info.etag, "status": "skipped", "rows": 0, "seconds": 0.0}
@@ -137,6 +138,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     sample = np.concatenate(got)
     if len(sample) > want:
         sample = sample[np.sort(rng.choice(len(sample), want, replace=False))]
+    use_device(device)  # k-means on the GPU when asked and present, else CPU (logged)
     data = ix.train_ivf(p, coder, bits, sample)
     etag = store.write_bytes(key, data)
     seconds = time.perf_counter() - t0
@@ -164,7 +166,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
                            "bytes": p.bytes_per_item, "nlist": p.nlist, "coder": card["checksum"],
                            "bits": bits, "trained": (trained or {}).get("checksum"), "exclude": exclude_split,
                            "shards": [(r.key, r.checksum) for r in refs]})
-    prefix = ix.staging_prefix(name, digest)
+    prefix = ix.staging_key_prefix(name, digest)
     try:
         stats = json.loads(store.read_bytes(prefix + ix.STATS_FILE))
         if stats.get("format") == ix.FORMAT:
@@ -260,7 +262,7 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
 @task(name="evaluate_version", retries=2, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error)
 def evaluate_version(settings: Settings, name: str, version: int, build: dict[str, Any],
-                     eval_parts: list[int] | None = None, queries: int = 500, k: int = 10) -> dict[str, Any]:
+                     eval_parts: list[int] | None = None, queries: int = ix.QUERIES, k: int = 10) -> dict[str, Any]:
     """Measure recall@k (tie-aware, against the coder's exact ranking) and p50/p99 latency with
     `queries` sampled database items (from `eval_parts` when given), then write build.json: the
     version is complete. An exact index below EXACT_RECALL_GATE raises IndexBuildError (the flow
@@ -281,13 +283,17 @@ def evaluate_version(settings: Settings, name: str, version: int, build: dict[st
     positions = np.sort(rng.choice(eligible, min(queries, len(eligible)), replace=False))
     if ci.plan.kind == "adc":
         feats = _features_for(store, build, ci, positions)
-    ev = ix.evaluate(ci, coder, positions, feats, k=k)
+    target = build.get("recall_target") or ix.RECALL_TARGET
+    ev = ix.evaluate(ci, coder, positions, feats, k=k, tune_target=None if ci.plan.exact else target, seed=version)
     ev["seconds"] = time.perf_counter() - t0
     recall = ev.get(f"recall_at_{k}")
     if ci.plan.exact and recall is not None and recall < ix.EXACT_RECALL_GATE:
         raise ix.IndexBuildError(f"index {name} v{version} ({ci.plan.index_type}) disagrees with the coder's "
                                  f"own ranking: recall@{k} = {recall:.4f} < {ix.EXACT_RECALL_GATE}; not published")
     full = {**build, "version": version, "eval": ev}
+    if "tuning" in ev:  # searchers take nprobe / efSearch from the plan in build.json
+        key = "nprobe" if ci.plan.needs_training else "ef_search"
+        full["plan"] = {**build["plan"], key: ev["tuning"]["value"]}
     ix.write_build(store, name, version, full)
     log.info("index %s v%d: recall@%d %s, p50 %s ms, p99 %s ms", name, version, k, recall,
              ev.get("p50_ms"), ev.get("p99_ms"))

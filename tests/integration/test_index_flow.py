@@ -121,7 +121,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     b = ix.read_build(store, "synth-itq", 1)
     assert b["n"] == 6000 and b["index_bytes"] > 6000 * 4 and b["bits"] == 32 and b["coder_id"] == "itq-test"
     assert set(b["seconds"]) >= {"train", "add_wall", "add_tasks", "merge", "eval", "total"}
-    assert b["peak_rss_bytes"]["merge"] > 0 and b["eval"]["queries"] == 500 and b["eval"]["p99_ms"] > 0
+    assert b["peak_rss_bytes"]["merge"] > 0 and b["eval"]["queries"] == ix.QUERIES and b["eval"]["p99_ms"] > 0
     assert [i["part"] for i in b["inputs"]] == list(range(20))
     assert all(i["checksum"] == store.head(i["key"]).etag for i in b["inputs"])
     assert set(b["code_shards_read"]) == {layout.codes_key(DATASET, "itq-test", p) for p in range(20)}
@@ -317,3 +317,44 @@ def test_kill_during_build_publishes_nothing_and_rerun_resumes(prefect_server, s
     assert Searcher(store, "killed").current().version == s["version"]
     assert not staged(store, "killed")
     assert json.loads(store.read_bytes(layout.index_current_key("killed")))["version"] == s["version"]
+
+
+def test_ivf_pq_from_a_factory_string_is_tuned_published_and_searched_memory_mapped(prefect_server, s3_settings,
+                                                                                     tmp_path):
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    coders = fit_coders(store, ("pq",))
+    write_parts(store, coders, range(8))
+    _, db_x, _ = synthetic(range(8))
+    queries = db_x[::100] + 0.05
+    flat = build_index(DATASET, "pq-test", 32, "synth-pq-flat", settings=cfg)
+    s = build_index(DATASET, "pq-test", 32, "synth-ivfpq", index_type="IVF32,PQ4x8", recall_target=0.9,
+                    shards_per_task=3, settings=cfg)
+    assert (s["status"], s["index_type"], s["n"]) == ("published", ix.IVF_PQ, 2400) and s["recall_at_10"] >= 0.9
+    b = ix.read_build(store, "synth-ivfpq", 1)
+    assert b["plan"]["factory"] == "IVF32,PQ4x8" and b["index_type_requested"] == "IVF32,PQ4x8"
+    assert b["plan"]["nprobe"] == b["eval"]["tuning"]["value"] == b["eval"]["nprobe"] and b["recall_target"] == 0.9
+    assert b["eval"]["queries"] <= ix.QUERIES
+    mm = Searcher(store, "synth-ivfpq", cache_dir=str(tmp_path / "cache"))
+    lv = mm.current()
+    assert lv.ci.index.nprobe == b["plan"]["nprobe"]
+    assert (tmp_path / "cache" / "synth-ivfpq" / "v000001" / ix.INDEX_FILE).exists()
+    exhaustive = mm.search(queries, k=10, nprobe=32, with_metadata=False)
+    ref = Searcher(store, "synth-pq-flat").search(queries, k=10, with_metadata=False)
+    assert flat["index_type"] == ix.PQ_LUT
+    np.testing.assert_array_equal(exhaustive.scores, ref.scores)  # nprobe = nlist: the flat PQ scan
+
+
+def test_large_objects_upload_in_parts_and_download_whole(s3_settings, tmp_path):
+    store = open_store(s3_settings)
+    store.multipart_threshold = 6 * 2**20
+    store.multipart_part_bytes = 5 * 2**20  # S3's smallest part
+    data = np.random.default_rng(0).integers(0, 256, 12 * 2**20, dtype=np.uint8).tobytes()
+    src = tmp_path / "big.faiss"
+    src.write_bytes(data)
+    etag = store.upload_file("big/index.faiss", str(src))
+    assert etag.endswith("-3"), etag  # three parts: 5 + 5 + 2 MiB
+    assert store.write_bytes("big/again.faiss", data).endswith("-3")
+    store.download_file("big/index.faiss", str(tmp_path / "back.faiss"))
+    assert (tmp_path / "back.faiss").read_bytes() == data and store.read_bytes("big/again.faiss") == data
+    assert store.head("big/index.faiss").etag == etag

@@ -83,10 +83,14 @@ def test_binary_codes_get_a_flat_index_then_ivf_above_the_flat_limit():
     assert big.memory_bytes == 20_000_000 * (8 + 8 + 12) + big.nlist * 8
 
 
-def test_adc_codes_always_get_an_exact_lut_scan_with_the_coders_engine():
+def test_adc_codes_get_the_coders_exact_engine_then_ivf_over_the_same_codes_above_5m():
     for engine in (ix.PQ_LUT, ix.RQ_LUT, ix.CODER_LUT):
-        p = ix.choose_index(50_000_000, 8, "adc", 2**33, adc_engine=engine)
+        p = ix.choose_index(5_000_000, 8, "adc", 2**33, adc_engine=engine)
         assert p.index_type == engine and p.exact and p.nlist == 0
+    assert ix.choose_index(50_000_000, 8, "adc", 2**33, adc_engine=ix.CODER_LUT).index_type == ix.CODER_LUT
+    for engine, ivf in ((ix.PQ_LUT, ix.IVF_PQ), (ix.RQ_LUT, ix.IVF_RQ)):
+        p = ix.choose_index(50_000_000, 8, "adc", 2**33, adc_engine=engine, codec="PQ8x8")
+        assert p.index_type == ivf and not p.exact and p.nlist == 32768
     with pytest.raises(ValueError, match="does not serve adc codes"):
         ix.choose_index(10, 8, "adc", 2**30, index_type=ix.IVF_FLAT)
 

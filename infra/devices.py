@@ -1,0 +1,93 @@
+"""Where the heavy math runs: `resolve_device('cuda')` gives 'cuda' when torch sees a GPU and faiss
+was built with GPU support (faiss-gpu), else 'cpu' with one logged line saying why and how to get
+the GPU build (`make install GPU=1`). faiss on the GPU: k-means (coarse quantizers, PQ training)
+and brute-force search; torch on the GPU: extraction and coder training (callers move modules).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faiss
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+KMEANS_SEED = 1234
+KMEANS_ITER = 20
+_device = "cpu"  # what `use_device` chose for this process
+
+
+def faiss_gpus() -> int:
+    """GPUs faiss can use: 0 for a CPU-only faiss build (faiss-cpu has no get_num_gpus)."""
+    fn = getattr(faiss, "get_num_gpus", None)
+    try:
+        return int(fn()) if fn else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA runtime counts as no GPU
+        return 0
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def resolve_device(asked: str | None) -> str:
+    """'cuda' if asked for and both torch and faiss can use a GPU, else 'cpu' (logged when it falls
+    back: what is missing and the command that installs it). Raises ValueError for other names."""
+    asked = (asked or "cpu").lower()
+    if asked not in ("cpu", "cuda") and not asked.startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {asked!r}")
+    if asked == "cpu":
+        return "cpu"
+    missing = [what for what, ok in (("torch sees no CUDA device", torch_cuda()),
+                                     ("faiss has no GPU support (faiss-cpu installed)", faiss_gpus() > 0))
+               if not ok]
+    if missing:
+        LOG.warning("--device %s: falling back to CPU: %s. On a GPU machine, `make install GPU=1` installs "
+                    "faiss-gpu and CUDA torch", asked, "; ".join(missing))
+        return "cpu"
+    return asked
+
+
+def use_device(asked: str | None) -> str:
+    """Resolve `asked` and make it this process's device for faiss k-means and brute-force search."""
+    global _device
+    _device = resolve_device(asked)
+    return _device
+
+
+def current_device() -> str:
+    return _device
+
+
+def kmeans_centroids(x: np.ndarray, k: int, spherical: bool = False, device: str | None = None) -> np.ndarray:
+    """(k, d) float32 k-means centroids of `x` (seeded), on the GPU when the process device is cuda."""
+    dev = device or _device
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_ITER, seed=KMEANS_SEED, spherical=spherical,
+                      gpu=dev.startswith("cuda"), max_points_per_centroid=256, verbose=False)
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def exact_search(x: np.ndarray, q: np.ndarray, k: int, inner_product: bool = False,
+                 device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k of float queries over `x` (L2 or inner product), on the GPU under cuda."""
+    dev = device or _device
+    if dev.startswith("cuda"):
+        res = faiss.StandardGpuResources()  # pragma: no cover - needs a GPU
+        metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
+        return faiss.knn_gpu(res, np.ascontiguousarray(q, np.float32), np.ascontiguousarray(x, np.float32),
+                             k, metric=metric)
+    return faiss.knn(np.ascontiguousarray(q, np.float32), np.ascontiguousarray(x, np.float32), k,
+                     metric=faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2)
+
+
+def describe(device: str) -> dict[str, Any]:
+    """What build.json records about the device a build ran on."""
+    return {"device": device, "faiss_gpus": faiss_gpus(), "torch_cuda": torch_cuda()}
