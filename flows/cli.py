@@ -284,7 +284,8 @@ def cmd_index_build(args) -> int:
     existing_store(args)
     s = run_flow(build_index, args, dataset=args.dataset, coder_id=args.coder, bits=args.bits, name=args.name,
                  memory_budget=args.memory_budget, force=args.force, shards_per_task=args.shards_per_task,
-                 index_type=args.index_type, exclude_split=args.exclude_split)
+                 index_type=args.index_type, exclude_split=args.exclude_split, device=args.build_device,
+                 **({"recall_target": args.recall_target} if args.recall_target else {}))
     _print(s)
     if s["status"] == "superseded":
         print(f"codeshard index build: another run published v{s.get('current_version')} of {s['name']} first; "
@@ -315,16 +316,16 @@ def cmd_search(args) -> int:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     cfg = Settings.load(**overrides(args))
     store = open_store(cfg).require_existing()
-    searcher = Searcher(store, args.name, poll_seconds=0)
+    searcher = Searcher(store, args.name, poll_seconds=0, cache_dir=args.cache_dir)
     if args.id is not None:
-        res = searcher.search_by_id(args.id, args.k)
+        res = searcher.search_by_id(args.id, args.k, nprobe=args.nprobe)
     else:
         model_id = searcher.current().build.get("model_id")
         if not model_id:
             raise ValueError(f"index {args.name} records no model_id: search it --id")
         image = open(args.image, "rb").read() if args.image else None
         res = searcher.search(query_feature(store, model_id, image=image, text=args.text,
-                                            device=cfg.torch_device()), args.k)
+                                            device=cfg.torch_device()), args.k, nprobe=args.nprobe)
     _print({"name": args.name, "version": res.version, "hits": res.hits[0]})
     return 0
 
@@ -466,9 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bits", type=int, help="code length (default: the coder's longest)")
     sp.add_argument("--name", help="index name (default <dataset>-<coder>-<bits>b)")
     sp.add_argument("--memory-budget", default="2GB", help="resident memory the index may take (e.g. 2GB, 512MB)")
-    sp.add_argument("--index-type", choices=["binary-flat", "binary-ivf", "pq-lut", "rq-lut", "coder-lut", "flat",
-                                             "ivf-flat", "hnsw"],
-                    help="force a type (default: the cheapest that fits --memory-budget)")
+    sp.add_argument("--index-type", type=_index_type,
+                    help="a type (binary-flat, binary-ivf, pq-lut, rq-lut, coder-lut, ivf-pq, ivf-rq, flat, ivf-flat, "
+                         "hnsw) or a faiss factory string over the stored codes ('IVF4096,PQ8x8', 'BIVF1024', "
+                         "'HNSW32,Flat'); default: the cheapest that fits --memory-budget")
+    sp.add_argument("--recall-target", type=float, help="tune nprobe/efSearch to this recall@10 (default 0.95)")
+    sp.add_argument("--build-device", choices=["cpu", "cuda"], default="cpu",
+                    help="where faiss trains the coarse quantizer (cuda falls back to cpu with a message)")
     sp.add_argument("--shards-per-task", type=int, help="code shards per partial-index task (default: by memory)")
     sp.add_argument("--exclude-split", choices=["query", "train", "val", "database"],
                     help="leave the rows of this raw split out (recorded in build.json); default: every item")
@@ -489,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", help="an image file (embedded with the coder's model)")
     q.add_argument("--text", help="a text (embedded with the coder's model)")
     sp.add_argument("-k", type=int, default=10)
+    sp.add_argument("--nprobe", type=int, help="IVF lists (HNSW: efSearch) to visit; default: tuned at build time")
+    sp.add_argument("--cache-dir", help="keep index files here and memory-map them (default: read into memory)")
 
     sp = add("update-model", cmd_update_model, "train a compatible new encoder; ship it only if the gate passes "
              "(exit 3 when refused)")
@@ -522,6 +529,21 @@ class _NoTracebackFormatter(logging.Formatter):
             return super().format(record)
         finally:
             record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _index_type(text: str) -> str:
+    """argparse type: a type name or factory string that some kind of stored code can use (the
+    coder's own kind is checked by the flow)."""
+    from infra.index_plan import KINDS, parse_index_type
+
+    errors = []
+    for kind in KINDS:
+        try:
+            parse_index_type(text, kind)
+            return text
+        except ValueError as e:
+            errors.append(str(e))
+    raise argparse.ArgumentTypeError(errors[-1])
 
 
 def _version() -> str:

@@ -29,7 +29,7 @@ from infra import layout
 from infra.code_index import CodeIndex, code_index_from_bytes, code_index_from_file
 from infra.index_files import ids_bytes, index_to_bytes
 from infra.index_plan import IndexBuildError, IndexPlan
-from infra.store import PreconditionFailed, Store, StoreError
+from infra.store import NotFound, PreconditionFailed, Store
 
 FORMAT = 1  # of build.json / partial stats; bump when the partial format changes (it keys staging)
 
@@ -129,10 +129,8 @@ def read_current(store: Store, name: str) -> Current | None:
     """CURRENT of index `name`, or None if it was never published. One GET."""
     try:
         data, etag = store.read_with_etag(layout.index_current_key(name))
-    except StoreError as e:
-        if str(e).startswith("no object"):
-            return None
-        raise
+    except NotFound:
+        return None
     pointer = json.loads(data)
     return Current(int(pointer["version"]), etag, pointer)
 

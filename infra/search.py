@@ -136,22 +136,24 @@ class Searcher:
         q = ix.prepare_queries(lv.ci.plan, lv.coder, lv.ci.bits, queries)
         return self._result(lv, q, k, with_metadata, nprobe)
 
-    def search_by_id(self, item_id: int, k: int = 10, with_metadata: bool = True) -> SearchResult:
+    def search_by_id(self, item_id: int, k: int = 10, with_metadata: bool = True,
+                     nprobe: int | None = None) -> SearchResult:
         """Top-k for the stored feature of `item_id` (read from its features shard, cached). Binary and
-        float indexes fall back to the item's stored code when its features are not in the store. k >= 1."""
+        float indexes fall back to the item's stored code when its features are not in the store. k >= 1;
+        `nprobe` as in `search`."""
         check_k(k)
         lv = self.current()
         pos = lv.position_of(int(item_id))
         feat = self.feature_of(int(item_id), lv)
         if feat is not None:
             return self._result(lv, ix.prepare_queries(lv.ci.plan, lv.coder, lv.ci.bits, feat[None, :]), k,
-                                with_metadata)
+                                with_metadata, nprobe)
         if lv.ci.plan.kind == "adc":
             raise SearchError(f"no stored feature for id {item_id} (model {lv.build.get('model_id')}); "
                               f"ADC indexes need it to build the query's lookup table")
         q = ix.stored_codes_at(lv.ci, np.array([pos])) if lv.ci.plan.kind == "binary" else \
             ix.stored_vectors_at(lv.ci, np.array([pos])).astype(np.float32)
-        return self._result(lv, q, k, with_metadata)
+        return self._result(lv, q, k, with_metadata, nprobe)
 
     def _result(self, lv: LoadedVersion, q: np.ndarray, k: int, with_metadata: bool,
                 nprobe: int | None = None) -> SearchResult:

@@ -62,4 +62,4 @@ def test_mistakes_are_caught_before_a_server_starts_and_create_nothing(fresh_fol
     version = run(["--version"], work, env, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("codeshard ")
     bad_choice = run(["index", "build", "--dataset", "d", "--coder", "c", "--index-type", "nope"], work, env, timeout=60)
-    assert bad_choice.returncode == 2 and "invalid choice" in bad_choice.stderr
+    assert bad_choice.returncode == 2 and "argument --index-type" in bad_choice.stderr
