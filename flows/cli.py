@@ -31,7 +31,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dask-address", help="tcp://host:8786 (default with --runner dask: a local cluster)")
     g.add_argument("--dask-workers", type=int)
     g.add_argument("--max-workers", type=int, help="concurrent shard tasks (thread runner)")
-    g.add_argument("--heavy-limit", type=int, help="concurrent heavy task runs per Prefect server (0: none)")
+    g.add_argument("--heavy-limit", type=int, help="concurrent heavy task runs per Prefect server (default 4; 0: no limit)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--batch-size", type=int)
     g.add_argument("--shard-rows", type=int)

@@ -1,29 +1,58 @@
 """The concurrency limit on heavy task runs (tag "heavy": model forward passes, coder fits, index
-builds), enforced by the Prefect server across every flow run and every worker using the same API."""
+builds), enforced by the Prefect server across every flow run and every worker using the same API.
+
+How a killed run's slot comes back (Prefect 3.8.8, checked in its source): a task run takes its
+`tag:heavy` slot client-side with a 60 s lease (`task_engine`: `_concurrency(lease_duration=60)`;
+the server refuses leases under 60 s), renewed every 45 s while the task runs. A SIGKILLed run stops
+renewing; the server's repossessor service (every 15 s by default,
+PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS) frees the expired lease, so the slot is back
+within about 60 s + one repossessor loop (tests/integration/test_heavy_limit.py). Only
+`prefect server start` runs the repossessor: a temporary (ephemeral) server, the test harness's
+included, runs none and keeps such a slot taken for good.
+"""
 from __future__ import annotations
 
 import logging
 
 HEAVY_TAG = "heavy"
+LOG = logging.getLogger(__name__)
 
 
-def ensure_heavy_limit(limit: int) -> None:
-    """Make the server's tag concurrency limit for "heavy" task runs `limit` (Settings.heavy_limit);
-    0 leaves the server's limits as they are. A task run waits for a slot before it starts.
+def ensure_heavy_limit(limit: int) -> bool:
+    """Make the server's tag concurrency limit for "heavy" task runs `limit` (Settings.heavy_limit,
+    default 4); 0 leaves the server's limits as they are. A task run waits for a slot before it
+    starts. Returns whether the limit was set.
 
-    Only against a Prefect server named by PREFECT_API_URL (`prefect server start`): its lease reaper
-    gives back the slot of a run killed mid-task once the lease (60 s) runs out. A temporary
-    (ephemeral) server runs no reaper and keeps such a slot taken for good, so without
-    PREFECT_API_URL the limit is not set (a warning says so). Cost: one Prefect API call (an upsert)."""
+    Set only against a server that gives back a killed run's slots: one named by PREFECT_API_URL
+    (`prefect server start`, a temporary server has no repossessor) whose settings do not turn the
+    repossessor off. Otherwise the limit is not set and a warning says why. A temporary server named
+    by PREFECT_API_URL (the test harness) cannot be told apart: tests/conftest.py sets
+    CODESHARD_HEAVY_LIMIT=0 for it. Cost: two Prefect API calls (read settings, upsert the limit)."""
     if limit <= 0:
-        return
+        return False
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        logging.getLogger(__name__).warning(
-            "heavy_limit=%d not set: it needs a Prefect server (PREFECT_API_URL); a temporary server "
-            "never gives back the slot of a killed run", limit)
-        return
+        LOG.warning("heavy_limit=%d not set: it needs a Prefect server (PREFECT_API_URL); a temporary "
+                    "server never gives back the slot of a killed run", limit)
+        return False
     with get_client(sync_client=True) as client:
+        if not _server_reaps_leases(client):
+            LOG.warning("heavy_limit=%d not set: the Prefect server's repossessor is off "
+                        "(PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED), so it would never give back the "
+                        "slot of a killed run", limit)
+            return False
         client.create_concurrency_limit(tag=HEAVY_TAG, concurrency_limit=limit)
+    return True
+
+
+def _server_reaps_leases(client) -> bool:
+    """False when the server's own settings (GET /admin/settings) turn the repossessor off; True
+    when they leave it on or cannot be read (a server that hides them is taken at its word)."""
+    try:
+        services = client._client.get("/admin/settings").raise_for_status().json()["server"]["services"]
+        return bool(services["repossessor"]["enabled"])
+    except Exception as e:  # noqa: BLE001 - an older or locked-down server: keep the limit
+        LOG.debug("could not read the server's repossessor setting: %s", e)
+        return True

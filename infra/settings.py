@@ -40,7 +40,10 @@ class Settings:
     dask_address: str | None = None  # tcp://host:8786; None with runner=dask = local cluster
     dask_workers: int = 2
     max_workers: int = 2  # concurrent shard tasks with the thread runner
-    heavy_limit: int = 0  # concurrent "heavy"-tagged task runs per Prefect server (all workers); 0 = not set
+    # concurrent "heavy"-tagged task runs per Prefect server (all runs, all workers); 0 = not set. 4: the
+    # default 2 shard workers of two runs at once. Set only against a server that gives back a killed
+    # run's slots (its repossessor frees a 60 s lease): see flows/limits.py.
+    heavy_limit: int = 4
     max_shard_tasks: int = 512  # more shards than this: each extract/encode task takes a batch of shards
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # inference batch (images or texts)

@@ -88,8 +88,9 @@ def heavy_slots() -> str:
 def release_leaked_heavy_slots() -> int:
     """Slots of the Prefect server's "heavy" limit held right now, released (reset), so that later
     runs of the test session are not blocked. Called when nothing runs, after a kill: every slot
-    held then belongs to the killed run (Prefect 3.8 gives tag-limited task runs ~100-year leases,
-    so a killed run never gives its slots back). Returns how many were held."""
+    held then belongs to the killed run (its 60 s leases expire, but the session's test server runs
+    no repossessor to free them, so a killed run never gives its slots back there; see
+    flows/limits.py). Returns how many were held."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as c:

@@ -30,7 +30,7 @@ def test_validation_errors():
 
 def test_heavy_limit_from_env_and_flag(monkeypatch):
     monkeypatch.delenv("CODESHARD_HEAVY_LIMIT", raising=False)
-    assert Settings.load().heavy_limit == 0
+    assert Settings.load().heavy_limit == 4  # on by default (flows/limits.py: set only where slots come back)
     monkeypatch.setenv("CODESHARD_HEAVY_LIMIT", "1")
     assert Settings.load().heavy_limit == 1 and Settings.load(heavy_limit=0).heavy_limit == 0
 
