@@ -23,8 +23,8 @@ import torch
 from encoders.coders import make_coder
 from encoders.selection import SELECTION_METRIC, select_on_val, val_map
 
-TEMPS = (0.05, 0.1, 0.2, 0.4)
-LAMS = (2.0, 6.0, 20.0)
+TEMPS = (0.05, 0.1, 0.2, 0.4, 0.8)
+LAMS = (0.5, 2.0, 6.0, 20.0)
 
 
 def load(path):
@@ -65,6 +65,9 @@ def main() -> int:
                            notes="per-method val mAP: " + json.dumps({m: {str(k): round(v, 5) for k, v in d.items()}
                                                                       for m, d in per_method.items()}))
     T = shared.chosen["proxy_temperature"]
+    # for the record: LLC with the paper's unnormalised logits z . B_c (proxy_temperature 0)
+    llc_paper = val_map(None, fit("llc", 16, proxy_temperature=0.0), 16, tx, ty, vx, vy)
+    print(f"llc, paper's unnormalised logits: {llc_paper:.4f}", flush=True)
     print("shared T:", T, flush=True)
 
     base = {"proxy_temperature": T}
@@ -97,7 +100,7 @@ def main() -> int:
                           lambda p: gsl_rows[("qloss", 2 * p["qloss_weight"])], source=src,
                           metric="32 bits, " + SELECTION_METRIC, notes="matched strength: qloss_weight = lam / 2")
     out = {"shared_temperature": shared.as_dict(), "drq": drq.as_dict(), "drq_score": score_rows,
-           "drq_score_chosen": drq_score_sel, "gsl": gsl.as_dict(), "gsl-qloss": qloss.as_dict(),
+           "drq_score_chosen": drq_score_sel, "llc_paper_logits_val": round(llc_paper, 5), "gsl": gsl.as_dict(), "gsl-qloss": qloss.as_dict(),
            "seconds": round(time.time() - t0)}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -27,6 +27,7 @@ from torch import nn
 
 from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import hamming_scores, hamming_topk
+from encoders.selection import PROXY_TEMPERATURE
 
 LOG = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class LLCConfig:
     label_smoothing: float = 0.1
     patience: int = 5
     seed: int = 0
-    proxy_temperature: float = 0.0  # > 0: phase-1 logits cos(z, B_c) / T (the shared proxy loss); 0: z . B_c
+    proxy_temperature: float = PROXY_TEMPERATURE  # phase-1 logits cos(z, B_c) / T, the shared loss; 0: z . B_c (paper)
 
 
 @register("llc")
