@@ -272,6 +272,10 @@ def evaluate_seeds(variant: str, bits_list: Sequence[int], train: Split, val: Sp
         runs = [evaluate_variant(variant, bits_list, train, val, query, database, R=R, seed=s, params=params, **kw)
                 for s in seeds]
     except Exception as e:  # noqa: BLE001 - one method's failure is a row, not a crash (issue #16)
+        per_length = variant in VARIANTS and VARIANTS[variant][2] or DERIVED.get(variant, ("", ""))[1] in ("pq", "rq")
+        if per_length and len(bits_list) > 1:  # one length that cannot run does not take the others with it
+            return [r for b in bits_list
+                    for r in evaluate_seeds(variant, [b], train, val, query, database, seeds, R, params, **kw)]
         LOG.warning("evaluate %s failed: %s", variant, e)
         return failed_rows(variant, bits_list, e)
     return aggregate_seeds(runs)
@@ -288,7 +292,8 @@ def ood_report(coder: Any, x_in: np.ndarray, x_out: np.ndarray) -> dict[str, flo
              (an integer score: AUROC counts ties 1/2, FPR interpolates inside tied blocks);
       msp_*: the phase-1 classifier's max-softmax probability (the baseline);
       flag_tpr / flag_fpr: fraction of in- / out-of-distribution items accepted (not flagged) by
-             the threshold-free `ood_flag`; flag_fpr is the OOD items it misses.
+             the threshold-free `ood_flag` (decoding radius); flag_fpr is the OOD items it misses;
+      exact_tpr / exact_fpr: the same for the exact-match variant (accepted only on a class code).
     Cost: three MLP forward passes (instance head twice, phase-1 trunk once) over n_in + n_out
     rows, plus O(n log n) ranking.
     """
@@ -301,8 +306,10 @@ def ood_report(coder: Any, x_in: np.ndarray, x_out: np.ndarray) -> dict[str, flo
     llc = -coder.class_distances(x).min(1).astype(np.float64)
     msp = np.asarray(coder.msp_score(x), dtype=np.float64)
     flag_tpr, flag_fpr = detection_rates(~np.asarray(coder.ood_flag(x), bool), is_in)
+    nearest = coder.class_distances(x).min(1)
+    exact_tpr, exact_fpr = detection_rates(nearest == 0, is_in)  # the exact-match variant, side by side
     return {"bits": int(coder.config.bits), "d_min": int(coder.d_min), "radius": int(coder.radius),
             "n_in": int(len(x_in)), "n_out": int(len(x_out)),
             "llc_auroc": auroc(llc, is_in), "llc_fpr95": fpr_at_tpr(llc, is_in, 0.95),
             "msp_auroc": auroc(msp, is_in), "msp_fpr95": fpr_at_tpr(msp, is_in, 0.95),
-            "flag_tpr": flag_tpr, "flag_fpr": flag_fpr}
+            "flag_tpr": flag_tpr, "flag_fpr": flag_fpr, "exact_tpr": exact_tpr, "exact_fpr": exact_fpr}

@@ -50,6 +50,7 @@ def test_ood_report_hand_computed_values():
     assert r["msp_fpr95"] == pytest.approx(1 / 3)
     # the flag accepts distance 0 only: 3 of 4 in-rows, 1 of 3 out-rows
     assert r["flag_tpr"] == pytest.approx(0.75) and r["flag_fpr"] == pytest.approx(1 / 3)
+    assert r["exact_tpr"] == pytest.approx(0.75) and r["exact_fpr"] == pytest.approx(1 / 3)  # radius 0 = exact
     assert (r["n_in"], r["n_out"], r["bits"], r["radius"], r["d_min"]) == (4, 3, 6, 0, 1)
 
 
@@ -65,6 +66,9 @@ def test_ood_report_uses_encoders_ood_with_in_distribution_positive():
     assert r["llc_auroc"] == pytest.approx(auroc(s, lab))
     assert r["llc_fpr95"] == pytest.approx(fpr_at_tpr(s, lab, 0.95))
     assert r["msp_auroc"] == pytest.approx(auroc(np.array(msp), lab))
+    d_in = np.array(dist)[:40]
+    assert r["exact_tpr"] == pytest.approx(np.mean(d_in == 0))   # accepted only on a class code
+    assert r["flag_tpr"] == pytest.approx(np.mean(d_in <= 1))    # accepted within the decoding radius
     # swapping the roles of the two sets mirrors the AUROC
     assert ood_report(coder, x_out, x_in)["llc_auroc"] == pytest.approx(1 - r["llc_auroc"])
 
@@ -185,6 +189,8 @@ def test_a_method_that_cannot_run_gets_a_row_and_the_others_are_reported():
     # LLC at 1 bit cannot give 3 classes distinct codes: it raises inside fit
     bad = evaluate_seeds("llc", [1], s["train"], s["val"], s["query"], s["database"], seeds=[0], params={})
     assert len(bad) == 1 and bad[0].note.startswith("not run: ValueError") and bad[0].map != bad[0].map
+    both = evaluate_seeds("llc", [1, 8], s["train"], s["val"], s["query"], s["database"], seeds=[0])
+    assert both[0].note.startswith("not run") and both[1].note == "" and both[1].map > 0  # per length
     good = evaluate_seeds("itq", [8], s["train"], s["val"], s["query"], s["database"], seeds=[0])
     assert good[0].map > 0 and good[0].note == ""
 
