@@ -197,6 +197,17 @@ def claims(agg: list[dict]) -> list[str]:
     return out
 
 
+def plot(agg: list[dict], protocol: str) -> bytes:
+    """mAP vs bits with ± std bars (infra/reports.plot_png): codes as lines, float ceilings as dashes."""
+    from infra.reports import plot_png
+
+    keep = ("float-cos", "itq", "pq", "drq", "drq-emb", "drq-emb+pq", "drq-emb+rq", "llc", "gsl", "gsl-none",
+            "gsl-qloss")
+    rows = [{"method": r["method"].split(" (")[0], "bits": r["bits"], "map": r["map"], "map_std": r["map_std"]}
+            for r in agg if r["method"].split(" (")[0] in keep and r["n_seeds"]]
+    return plot_png(rows, f"{protocol} protocol: mAP@all vs bits (mean ± std, {max(r['n_seeds'] for r in agg)} seeds)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--protocol", choices=["seen", "unseen", "wordnet"], default="seen")
@@ -204,7 +215,12 @@ def main() -> int:
     ap.add_argument("--bits", default="8,16,32,64")
     ap.add_argument("--features", default="/tmp/sci")
     ap.add_argument("--out", default="/tmp/sci")
+    ap.add_argument("--plot", help="only redraw: read OUT/science_PROTOCOL.json, write this PNG")
     a = ap.parse_args()
+    if a.plot:
+        agg = json.loads(Path(a.out, f"science_{a.protocol}.json").read_text())
+        Path(a.plot).write_bytes(plot(agg, a.protocol))
+        return 0
     torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")]
     bits = [int(b) for b in a.bits.split(",")]
@@ -223,6 +239,7 @@ def main() -> int:
     text = "\n\n".join([markdown(agg, bits, title), detail(agg), "\n".join(claims(agg))])
     Path(a.out, f"science_{a.protocol}.md").write_text(text + "\n")
     Path(a.out, f"science_{a.protocol}.json").write_text(json.dumps(agg, indent=1))
+    Path(a.out, f"science_{a.protocol}.png").write_bytes(plot(agg, a.protocol))
     print(text)
     log("done")
     return 0

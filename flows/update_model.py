@@ -21,10 +21,10 @@ from tasks.update import (decide_update_gate, measure_compatibility, move_query_
 @flow(name="update-model", log_prints=True, task_runner=SettingsTaskRunner())
 def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method: str = "dual-tuning",
                  new_model_id: str | None = None, epochs: int = 6, bits: list[int] | None = None,
-                 max_flip_rate: float | None = DEFAULT_MAX_FLIP_RATE,
+                 max_flip_rate: float | None = None,
                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train, gate on val (M(new,old) > M(old,old) < M(new,new) and negative flips <= `max_flip_rate`,
-    default DEFAULT_MAX_FLIP_RATE; None switches the bound off), report the matrix on query (floats
+    """Train, gate on val (M(new,old) > M(old,old) < M(new,new) and negative flips <= `max_flip_rate`;
+    None means DEFAULT_MAX_FLIP_RATE, 1.0 switches the bound off), report the matrix on query (floats
     and DRQ codes), record the decision in the new model's card, and move the query-model pointer
     only if the gate passed."""
     layout.check_names(dataset=dataset, model=[old_model_id] + ([new_model_id] if new_model_id else []))
@@ -34,7 +34,8 @@ def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method
 
     train_candidate(cfg, dataset, old_model_id, arch, method, new_model_id, epochs)
     on_val = measure_compatibility(cfg, dataset, old_model_id, new_model_id, "val")
-    decision = decide_update_gate(on_val, max_flip_rate)                   # the gate: val rows only
+    bound = DEFAULT_MAX_FLIP_RATE if max_flip_rate is None else max_flip_rate
+    decision = decide_update_gate(on_val, bound)                           # the gate: val rows only
     reported = measure_compatibility(cfg, dataset, old_model_id, new_model_id, "query", bits)
     card = record_decision(cfg, new_model_id, decision, reported)
     if decision.passed:

@@ -59,17 +59,17 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     methods = sorted({r["method"] for r in rows})
-    for m in methods:
+    for i, m in enumerate(methods):
         pts = sorted((r["bits"], r["map"], r.get("map_std") or 0.0) for r in rows
                      if r["method"] == m and r["map"] == r["map"])  # nan: a method that did not run
         if not pts:
             continue
         if pts[0][0] >= 512:  # float ceilings (raw, cosine, a learned embedding): horizontal lines
             ax.axhline(pts[0][1], ls="--", lw=1, label=f"{m} (exact float)",
-                       color="k" if m == "float" else None)
+                       color="k" if m == "float" else f"C{i % 10}")
         else:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, label=m)
+                        capsize=3, label=m, color=f"C{i % 10}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per item")
     ax.set_ylabel("mAP (query vs database)")
