@@ -6,18 +6,10 @@ r_{m+1} = r_m - s_m*C[b_m]. Each level adds log2(K) bits, so the first L bits of
 the code of length L. Search is asymmetric: T = C q (one table per query serves every level) and
 <q, z_hat> = sum_m s_m T[b_m]; the default score is -||q - z_hat||^2 with ||z_hat||^2 from the codes.
 
-Choices, measured on Fashion-MNIST CNN features (devdata/fmnist_cnn.npz, query vs the 69,000 other
-rows, mAP@all; single model at 8/16/32/64 bits):
-- similarity loss: normalised-softmax proxies at temperature 0.4 (.853/.864/.867/.867); 0.1: .827/
-  .814/.814/.824, 0.05: ~.80; batch-hard triplet: .64/.67/.69/.70.
-- assignment by L2 (nearest s_m C_k): cosine was within +-0.4 points, no consistent gain; L2 is what
-  makes r_m - s_m C_b the smallest residual, and matches the l2 score.
-- score l2: ip is +0.2 at 8 bits, -0.55 at 16, -0.2 at 64 (at temperature 0.1: +0.5, -1.2, -0.5);
-  cos = l2 within 0.05. ip remains available (faiss IndexResidualQuantizer reads our codes as is).
-- quantisation losses averaged over every prefix: without, -5 points at 8 bits, -3 at 16-32.
-- all-levels stage with the codebook at lr/10: at full lr the 8-bit code lost 1 point against a
-  model trained for 8 bits only; with it every length is within 0.1 point of its per-length model.
-- MLP hidden 512 (linear: -5 points; 256: -0.3), dim 64 (32: -0.1, 128: +0.3 at 2x encode cost).
+Choices (similarity loss and its temperature, shared with GSL and LLC; assignment; score; prefix
+loss) are selected on val queries against the train gallery by bench/select_on_val.py; the candidates
+and their val scores are in BENCHMARKS.md ("Selection on val") and in every coder card
+(encoders/selection.py). Earlier figures measured on the query split were withdrawn.
 
 Pure torch/numpy; faiss for the k-means initialisation (and encoders.metrics for val mAP); no I/O.
 """
@@ -36,6 +28,7 @@ from torch import nn
 
 from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import mean_average_precision
+from encoders.selection import PROXY_TEMPERATURE
 
 LOG = logging.getLogger(__name__)
 
@@ -53,9 +46,8 @@ class DRQConfig:
     (~0.1 M for D_in 128) and levels - 1 scalars.
     Fit cost: (epochs_embed + epochs_level0 + epochs_all) passes over train, one step
     O(batch * (D_in*hidden + hidden*dim + levels*codebook_size*dim)), plus one faiss k-means with
-    codebook_size centroids; measured 15 s (27 s on a busy machine) for 10,000 x 128 train rows on
-    one core, val mAP included. Encode: O(D_in*hidden + hidden*dim + levels*codebook_size*dim) per
-    item, 11-40 us on one core. Search: see `DRQCoder.scores`.
+    codebook_size centroids (measured times: BENCHMARKS.md). Encode: O(D_in*hidden + hidden*dim +
+    levels*codebook_size*dim) per item. Search: see `DRQCoder.scores`.
     """
 
     levels: int = 8                 # M; codes of log2(K), 2 log2(K), ..., M log2(K) bits
@@ -63,7 +55,7 @@ class DRQConfig:
     dim: int = 64                   # embedding dimension D
     hidden: int = 512               # MLP hidden width; 0 -> a single linear layer
     similarity_loss: str = "proxy"  # "proxy" (normalised-softmax proxies) or "triplet" (batch-hard)
-    proxy_temperature: float = 0.4  # cosine-logit temperature of the proxy loss
+    proxy_temperature: float = PROXY_TEMPERATURE  # the shared, val-selected temperature (encoders/selection.py)
     triplet_margin: float = 0.2
     assign: str = "l2"              # level assignment: "l2" (nearest s_m C_k) or "cos" (max cosine)
     score: str = "l2"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2; "cos": <q, z_hat>/||z_hat||
@@ -227,8 +219,8 @@ def _quant_losses(cfg: DRQConfig, z: torch.Tensor, hards: torch.Tensor, softs: t
 
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
-    """Run with n torch and faiss threads, then restore. Fit steps are small GEMMs (256 x 512):
-    on a busy 2-core machine 2 OpenMP threads measured 12x slower than 1 (barrier waits)."""
+    """Run with n torch and faiss threads, then restore. Fit steps are small GEMMs (256 x 512), where
+    extra OpenMP threads on busy cores wait at barriers (BENCHMARKS.md)."""
     if n <= 0:
         yield
         return
@@ -397,7 +389,7 @@ class DRQCoder(Coder):
         head = [proxies] + (list(net.mlp.parameters()) if cfg.finetune_embedding else [])
         for stage_levels, epochs in ((1, cfg.epochs_level0), (cfg.levels, cfg.epochs_all)):
             # the shared codebook IS the level-0 codebook: in the all-levels stage it moves slowly,
-            # else serving the residual levels costs the shortest code (measured: -1 mAP point at 8 bits)
+            # else serving the residual levels costs the shortest code
             cb_lr = cfg.lr * (cfg.codebook_lr_all if stage_levels > 1 else 1.0)
             groups = [{"params": [net.codebook], "lr": cb_lr, "weight_decay": 0.0},
                       {"params": head, "lr": cfg.lr * 0.1}]
@@ -524,9 +516,8 @@ class DRQCoder(Coder):
         <q, z_hat>/||z_hat||, where q is the embedded query (unit norm) and z_hat = sum_m s_m C[b_m].
 
         <q, z_hat> equals the ADC sum_m s_m T[b_m] (`lut_scores`); it is computed as one GEMM against
-        the reconstructed items when dim <= 64 * levels, else by the tables. Measured on 69,000 items
-        x 1,000 queries, 1 core, dim 64 (ms per query): GEMM 0.3-0.45 at every length; tables 0.27
-        at 8 bits, 0.5 at 16, 0.78 at 32, 1.4 at 64; faiss IndexResidualQuantizer LUT top-100: 2.0 at 64.
+        the reconstructed items when dim <= 64 * levels, else by the tables (the crossover was
+        measured: BENCHMARKS.md, "DRQ timings moved from docstrings").
         Cost: nq*n*dim flops (or nq*n*levels gathers) + n*levels*dim for the reconstructions;
         memory: the output + RECON_BATCH*dim floats.
         """

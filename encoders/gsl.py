@@ -28,6 +28,7 @@ from torch import nn
 
 from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import mean_average_precision
+from encoders.selection import PROXY_TEMPERATURE
 
 LOG = logging.getLogger(__name__)
 
@@ -190,8 +191,8 @@ class GSLConfig:
       before projection.
     refit_every: T, steps between codebook refits; refit_sample: points embedded per refit.
     scale: inverse temperature of the normalised proxy softmax (the similarity loss).
-    Defaults for lam / qloss_weight are the val-selected values on Fashion-MNIST CNN features
-    (grid 0.1-10 for qloss_weight, lam = 2x that; lam=20 was best at 64 bits).
+    Defaults for lam / qloss_weight are selected on val (bench/select_on_val.py: lam 0.5-20 at 32
+    bits, qloss_weight = lam / 2, the matched strength); the smallest strength won both grids.
     """
 
     bits: int = 32
@@ -199,15 +200,15 @@ class GSLConfig:
     hidden: int = 512
     mode: str = "gsl"
     opq: bool = False
-    lam: float = 6.0
-    qloss_weight: float = 10.0
+    lam: float = 0.5             # val-selected (encoders/selection.py SELECTIONS["gsl"])
+    qloss_weight: float = 0.25   # matched strength: lam / 2 (val-selected the same way)
     refit_every: int = 50
     refit_sample: int = 10000
     epochs: int = 15
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    scale: float = 16.0
+    scale: float = 1.0 / PROXY_TEMPERATURE  # the shared, val-selected temperature (encoders/selection.py)
     seed: int = 0
     val_queries: int = 1000
 

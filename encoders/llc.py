@@ -27,6 +27,7 @@ from torch import nn
 
 from encoders.coders import Coder, FitReport, register, require_classes
 from encoders.metrics import hamming_scores, hamming_topk
+from encoders.selection import PROXY_TEMPERATURE
 
 LOG = logging.getLogger(__name__)
 
@@ -126,14 +127,19 @@ class ClassCodeLayer(nn.Module):
     to separate (seen at k = 6 for 10 Fashion-MNIST classes: one seed in three).
     """
 
-    def __init__(self, k: int, n_classes: int, gen: torch.Generator | None = None) -> None:
+    def __init__(self, k: int, n_classes: int, gen: torch.Generator | None = None,
+                 temperature: float = 0.0) -> None:
         super().__init__()
+        self.temperature = temperature  # > 0: normalised-proxy logits cos(z, B_c) / temperature
         gen = gen if gen is not None else torch.Generator().manual_seed(0)
         mag = torch.rand(n_classes, k, generator=gen) / math.sqrt(k)
         self.weight = nn.Parameter(spread_codebook(n_classes, k, gen) * mag)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ sign_ste(self.weight).t()
+        b = sign_ste(self.weight)
+        if self.temperature > 0:  # the shared similarity loss (encoders/selection.py): B_c are fixed-norm proxies
+            return F.normalize(z, dim=1) @ b.t() / (math.sqrt(b.shape[1]) * self.temperature)
+        return z @ b.t()
 
     def codebook(self) -> torch.Tensor:
         return SignSTE.apply(self.weight.detach()).to(torch.int8)
@@ -279,6 +285,7 @@ class LLCConfig:
     label_smoothing: float = 0.1
     patience: int = 5
     seed: int = 0
+    proxy_temperature: float = PROXY_TEMPERATURE  # phase-1 logits cos(z, B_c) / T, the shared loss; 0: z . B_c (paper)
 
 
 @register("llc")
@@ -350,7 +357,7 @@ class LLCCoder(Coder):
         coder.classes = state["classes"].numpy().astype(np.int64)
         coder.trunk = Trunk(d_in, coder.config.hidden, k)
         coder.trunk.load_state_dict(state["trunk"])
-        coder.class_layer = ClassCodeLayer(k, len(coder.classes))
+        coder.class_layer = ClassCodeLayer(k, len(coder.classes), temperature=coder.config.proxy_temperature)
         coder.class_layer.load_state_dict(state["class_layer"])
         coder.head = Trunk(d_in, coder.config.hidden, k)
         coder.head.load_state_dict(state["head"])
@@ -370,7 +377,8 @@ class LLCCoder(Coder):
         torch.manual_seed(cfg.seed)
         self.trunk = Trunk(x.shape[1], cfg.hidden, cfg.bits)
         self.trunk.set_standardisation(x)
-        self.class_layer = ClassCodeLayer(cfg.bits, n_classes, torch.Generator().manual_seed(cfg.seed))
+        self.class_layer = ClassCodeLayer(cfg.bits, n_classes, torch.Generator().manual_seed(cfg.seed),
+                                          temperature=cfg.proxy_temperature)
         self.head, self.codebook = None, None
         m = train_class_codes(self.trunk, self.class_layer, x, y, v, epochs=cfg.epochs_class,
                               batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -447,7 +455,13 @@ class LLCCoder(Coder):
         y = self._class_index(lab, "train")
         v = None
         if val is not None:
-            v = (np.ascontiguousarray(val[0], dtype=np.float32), self._class_index(np.asarray(val[1]), "val"))
+            vx, vl = np.ascontiguousarray(val[0], dtype=np.float32), np.asarray(val[1])
+            seen = np.isin(vl, self.classes)
+            if not seen.all():  # a class with val rows but no train rows cannot be selected on: leave those rows out
+                LOG.warning("llc: %d val rows of %d classes without train rows are left out of selection",
+                            int((~seen).sum()), len(np.unique(vl[~seen])))
+                vx, vl = vx[seen], vl[seen]
+            v = (vx, self._class_index(vl, "val")) if len(vl) else None
         return x, y, v
 
     def _class_index(self, lab: np.ndarray, what: str) -> np.ndarray:

@@ -8,8 +8,16 @@ from typing import Any, Sequence
 from infra import layout
 from infra.store import Store
 
-COLUMNS = ("method", "bits", "map", "p_at_100", "bytes_per_item", "fit_s", "encode_us_per_item",
-           "search_ms_per_query", "val_map")
+COLUMNS = ("method", "bits", "map", "map_std", "n_seeds", "p_at_100", "map_at_1000", "map_at_1000_lit",
+           "map_at_5000_lit", "ann_recall_at_10", "bytes_per_item", "fit_s", "encode_us_per_item",
+           "search_ms_per_query", "val_map", "note")
+TEXT, INTS = ("method", "note"), ("bits", "bytes_per_item", "n_seeds")
+# What each column means, printed under every markdown table (the protocol is named, not implied).
+LEGEND = ("map: mAP@all (normaliser: all relevant items), mean over n_seeds seeds, map_std their sample std; "
+          "map_at_1000: AP@1000 normalised by min(1000, relevant); map_at_R_lit: AP@R normalised by the relevant "
+          "items retrieved in the top R (the hashing papers' evaluation code); ann_recall_at_10: top-10 by the "
+          "code vs exact top-10 in the float space it quantises (100 queries); val_map: val queries vs the "
+          "train gallery (what selection sees). A difference is a win only when it exceeds both rows' std.")
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -24,7 +32,7 @@ def read_csv_rows(text: str) -> list[dict[str, Any]]:
     """Inverse of `to_csv`, numbers typed back."""
     rows = []
     for r in csv.DictReader(io.StringIO(text)):
-        rows.append({k: (v if k == "method" else (int(v) if k in ("bits", "bytes_per_item") else float(v)))
+        rows.append({k: (v if k in TEXT else (int(v) if k in INTS else float(v or "nan")))
                      for k, v in r.items()})
     return rows
 
@@ -32,7 +40,7 @@ def read_csv_rows(text: str) -> list[dict[str, Any]]:
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "".join("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |\n" for r in rows)
-    return head + body
+    return head + body + "\n" + LEGEND + "\n"
 
 
 def to_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -51,12 +59,17 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     methods = sorted({r["method"] for r in rows})
-    for m in methods:
-        pts = sorted((r["bits"], r["map"]) for r in rows if r["method"] == m)
-        if m == "float":
-            ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="float (exact)")
+    for i, m in enumerate(methods):
+        pts = sorted((r["bits"], r["map"], r.get("map_std") or 0.0) for r in rows
+                     if r["method"] == m and r["map"] == r["map"])  # nan: a method that did not run
+        if not pts:
+            continue
+        if pts[0][0] >= 512:  # float ceilings (raw, cosine, a learned embedding): horizontal lines
+            ax.axhline(pts[0][1], ls="--", lw=1, label=f"{m} (exact float)",
+                       color="k" if m == "float" else f"C{i % 10}")
         else:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=m, color=f"C{i % 10}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per item")
     ax.set_ylabel("mAP (query vs database)")
@@ -90,6 +103,8 @@ def write_report(store: Store, dataset: str, run_id: str, rows: Sequence[dict[st
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v != v:
+        return ""
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)

@@ -59,6 +59,12 @@ def coder_fits_features(store: Store, dataset: str, model_id: str, card: dict[st
     return True
 
 
+def _family(method: str, params: dict[str, Any] | None) -> str:
+    """The selection record a coder's settings come from ('gsl-qloss' for GSL in qloss mode)."""
+    mode = (params or {}).get("mode")
+    return f"gsl-{mode}" if method == "gsl" and mode in ("qloss", "none") else method
+
+
 def val_metrics(coder, val, gallery) -> dict[str, float]:
     """mAP (R=all) of `val` queries against the train gallery at every length the coder makes.
     Used for the card and for selection; the query split is never touched."""
@@ -99,7 +105,11 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
     fit_s = time.perf_counter() - t0
     metrics = val_metrics(coder, data["val"], data["train"])
     logger().info("coder %s: fit %.1fs, %s", coder_id, fit_s, metrics)
+    from encoders.selection import SELECTION_METRIC, SELECTION_SPLIT, selection_record
+
     card = {"dataset": dataset, "model_id": model_id, "bits": bits, "lengths": list(coder.lengths),
+            "selection": {**selection_record(_family(method, params)), "val_split": SELECTION_SPLIT,
+                          "val_metric": SELECTION_METRIC},
             "symmetric": coder.symmetric, "bytes_per_item": coder.bytes_per_item(),
             "config": coder.config_dict(), "fit_s": fit_s, "fit_report": dict(report.val_metrics),
             "val": metrics, "features_fingerprint": fp, "features_etags": etags, "train_rows": len(data["train"])}

@@ -239,3 +239,32 @@ def test_train_compatible_tiny_run_outputs_old_space():
         assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 6) and head.out_features == 4
         assert len(rep.val_accuracy) == 1
     torch.testing.assert_close(old_cls.weight, before)
+
+
+def test_gate_decides_on_val_never_on_query_and_bounds_flips_by_default():
+    from encoders.compat import DEFAULT_MAX_FLIP_RATE, CompatReport, decide_gate
+
+    m = {"M(old,old)": 0.5, "M(new,new)": 0.8, "M(new,old)": 0.6}
+    rep = CompatReport(dict(m), dict(m), negative_flip_rate=0.4, n_queries=10, n_gallery=20)
+    assert rep.max_negative_flip_rate == DEFAULT_MAX_FLIP_RATE  # bounded unless switched off
+    with pytest.raises(ValueError, match="never on the query split"):
+        decide_gate(rep, "query")
+    d = decide_gate(rep, "val")
+    assert not d.passed and "negative flips 0.4000 >" in d.reason and d.split == "val"
+    assert d.as_dict()["negative_flip_rate"] == 0.4 and d.as_dict()["max_negative_flip_rate"] == DEFAULT_MAX_FLIP_RATE
+    assert decide_gate(rep, "val", None).passed  # None switches the bound off explicitly
+
+
+def test_update_tasks_gate_on_val_rows():
+    """The gate task decides on the val matrix: measure_compatibility('val') uses val queries and the
+    train gallery; the query split is only ever asked for the reported matrix."""
+    import inspect
+
+    import flows.update_model as fu
+    import tasks.update as tu
+
+    src = inspect.getsource(fu.update_model)
+    assert 'measure_compatibility(cfg, dataset, old_model_id, new_model_id, "val")' in src
+    assert "decide_update_gate(on_val," in src and "if decision.passed:" in src
+    body = inspect.getsource(tu.measure_compatibility.fn)
+    assert '_rows(imgs, old, "val")' in body and '_rows(imgs, old, "train")' in body

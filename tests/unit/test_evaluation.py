@@ -50,6 +50,7 @@ def test_ood_report_hand_computed_values():
     assert r["msp_fpr95"] == pytest.approx(1 / 3)
     # the flag accepts distance 0 only: 3 of 4 in-rows, 1 of 3 out-rows
     assert r["flag_tpr"] == pytest.approx(0.75) and r["flag_fpr"] == pytest.approx(1 / 3)
+    assert r["exact_tpr"] == pytest.approx(0.75) and r["exact_fpr"] == pytest.approx(1 / 3)  # radius 0 = exact
     assert (r["n_in"], r["n_out"], r["bits"], r["radius"], r["d_min"]) == (4, 3, 6, 0, 1)
 
 
@@ -65,6 +66,9 @@ def test_ood_report_uses_encoders_ood_with_in_distribution_positive():
     assert r["llc_auroc"] == pytest.approx(auroc(s, lab))
     assert r["llc_fpr95"] == pytest.approx(fpr_at_tpr(s, lab, 0.95))
     assert r["msp_auroc"] == pytest.approx(auroc(np.array(msp), lab))
+    d_in = np.array(dist)[:40]
+    assert r["exact_tpr"] == pytest.approx(np.mean(d_in == 0))   # accepted only on a class code
+    assert r["flag_tpr"] == pytest.approx(np.mean(d_in <= 1))    # accepted within the decoding radius
     # swapping the roles of the two sets mirrors the AUROC
     assert ood_report(coder, x_out, x_in)["llc_auroc"] == pytest.approx(1 - r["llc_auroc"])
 
@@ -173,3 +177,69 @@ def test_evaluate_variant_never_fits_on_query(spy, variant, n_fits):
             # no query row anywhere in what fit saw (query rows are ~1000, the rest <= ~104)
             assert not np.isin(q.view(np.uint32), arr.view(np.uint32)).any()
     assert all(r.method == variant for r in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# one method's failure is a row; seeds give mean ± std; the literature's mAP@R normaliser
+# --------------------------------------------------------------------------------------------
+def test_a_method_that_cannot_run_gets_a_row_and_the_others_are_reported():
+    from encoders.evaluation import evaluate_seeds
+
+    s = make_splits()
+    # LLC at 1 bit cannot give 3 classes distinct codes: it raises inside fit
+    bad = evaluate_seeds("llc", [1], s["train"], s["val"], s["query"], s["database"], seeds=[0], params={})
+    assert len(bad) == 1 and bad[0].note.startswith("not run: ValueError") and bad[0].map != bad[0].map
+    both = evaluate_seeds("llc", [1, 8], s["train"], s["val"], s["query"], s["database"], seeds=[0])
+    assert both[0].note.startswith("not run") and both[1].note == "" and both[1].map > 0  # per length
+    good = evaluate_seeds("itq", [8], s["train"], s["val"], s["query"], s["database"], seeds=[0])
+    assert good[0].map > 0 and good[0].note == ""
+
+
+def test_llc_val_rows_of_classes_without_train_rows_are_left_out_not_fatal():
+    x, y = blobs(np.eye(4, 8, dtype=np.float32) * 4, 60, seed=0)
+    keep = y < 3
+    c = LLCCoder(bits=6, epochs_class=2, epochs_instance=2)
+    c.fit(x[keep], y[keep], (x, y))  # val holds class 3, train does not: was "classes unseen in phase 1"
+    assert c.encode(x).shape == (len(x), 1)
+
+
+def test_seeds_are_aggregated_to_mean_and_std():
+    from encoders.evaluation import evaluate_seeds
+
+    s = make_splits()
+    rows = evaluate_seeds("lsh", [8], s["train"], s["val"], s["query"], s["database"], seeds=[0, 1, 2])
+    one = [evaluate_variant("lsh", [8], s["train"], s["val"], s["query"], s["database"], seed=k)[0].map
+           for k in (0, 1, 2)]
+    assert rows[0].n_seeds == 3
+    assert rows[0].map == pytest.approx(np.mean(one), abs=1e-5)
+    assert rows[0].map_std == pytest.approx(np.std(one, ddof=1), abs=1e-5)
+
+
+def test_literature_map_at_r_normalises_by_relevant_retrieved():
+    from encoders.evaluation import retrieval_metrics
+
+    # one query, 2000 items ranked by score; relevant at ranks 1 and 3 inside the top 1000, one more at 1500
+    scores = -np.arange(2000, dtype=np.float32)[None, :]
+    db = np.zeros(2000, int)
+    db[[0, 2, 1499]] = 7
+    m = retrieval_metrics(lambda sl: scores[sl], np.array([7]), db)
+    top = (1 / 1 + 2 / 3)
+    assert m["map_at_1000_lit"] == pytest.approx(top / 2)            # the papers' CalcTopMap
+    assert m["map_at_1000"] == pytest.approx(top / 3)                # normaliser min(R, relevant)
+    assert m["map"] == pytest.approx((top + 3 / 1500) / 3)
+
+
+def test_ceiling_and_isolation_rows_run_on_the_same_splits():
+    from encoders.evaluation import DERIVED, evaluate_seeds
+
+    x, y = blobs(np.eye(4, 16, dtype=np.float32) * 3, 150, seed=1)
+    perm = np.random.default_rng(0).permutation(len(y))
+    cut = {"train": perm[:300], "val": perm[300:400], "query": perm[400:450], "database": perm[450:]}
+    s = {k: Split(x[i], y[i]) for k, i in cut.items()}
+    tiny = {"epochs_embed": 1, "epochs_level0": 1, "epochs_all": 1, "codebook_size": 16, "levels": 2,
+            "hidden": 0, "dim": 8}
+    for v in ("float-cos", "drq-emb", "drq-emb+pq", "drq-emb+rq"):
+        rows = evaluate_seeds(v, [8], s["train"], s["val"], s["query"], s["database"], seeds=[0],
+                              params=None if v == "float-cos" else tiny)
+        assert rows and all(r.note == "" and 0 <= r.map <= 1 for r in rows), (v, rows)
+    assert set(DERIVED) >= {"float-cos", "drq-emb", "drq-emb+pq", "drq-emb+rq", "gsl-emb", "gsl-none-emb"}
