@@ -26,6 +26,13 @@ def main() -> int:
     ap.add_argument("--bits", default="8,16,32")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    from pathlib import Path
+
+    if not Path(a.features).exists():  # first run: build the shared features (bench/features_cache.py)
+        from bench import features_cache
+
+        Path(a.features).parent.mkdir(parents=True, exist_ok=True)
+        features_cache.fmnist(Path(a.features).parent)
     d = np.load(a.features)
     x, y, s = d["features"].astype(np.float32), d["labels"], d["split"]
     seen = y < 5

@@ -39,6 +39,11 @@ GSL_BITS = (16, 32)
 
 def splits(protocol: str, root: Path) -> tuple[dict[str, Split], dict[str, Split] | None]:
     name = {"seen": "fmnist_cnn", "unseen": "fmnist_cnn_half", "wordnet": "wordnet_hyper"}[protocol]
+    if not (root / f"{name}.npz").exists():  # first run (e.g. `make bench`): build the shared features
+        from bench import features_cache
+
+        root.mkdir(parents=True, exist_ok=True)
+        (features_cache.wordnet if protocol == "wordnet" else features_cache.fmnist)(root)
     d = np.load(root / f"{name}.npz")
     x, y, s = d["features"].astype(np.float32), d["labels"].astype(np.int64), d["split"]
     if protocol == "unseen":

@@ -28,6 +28,13 @@ LAMS = (0.5, 2.0, 6.0, 20.0)
 
 
 def load(path):
+    from pathlib import Path
+
+    if not Path(path).exists():  # first run: build the shared features (bench/features_cache.py)
+        from bench import features_cache
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        features_cache.fmnist(Path(path).parent)
     d = np.load(path)
     x, y, s = d["features"].astype(np.float32), d["labels"].astype(np.int64), d["split"]
     return (x[s == "train"], y[s == "train"]), (x[s == "val"], y[s == "val"])

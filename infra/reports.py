@@ -66,10 +66,10 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
             continue
         if pts[0][0] >= 512:  # float ceilings (raw, cosine, a learned embedding): horizontal lines
             ax.axhline(pts[0][1], ls="--", lw=1, label=f"{m} (exact float)",
-                       color="k" if m == "float" else f"C{i % 10}")
+                       color="k" if m == "float" else plt.get_cmap("tab20")(i % 20))
         else:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, label=m, color=f"C{i % 10}")
+                        capsize=3, label=m, color=plt.get_cmap("tab20")(i % 20))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per item")
     ax.set_ylabel("mAP (query vs database)")
