@@ -158,7 +158,7 @@ def cmd_evaluate(args) -> int:
     existing_store(args)
     out = run_flow(evaluate, args, dataset=args.dataset, model_id=args.features,
                    methods=_csv_list(args.methods), bits=_csv_list(args.bits, int),
-                   R=args.R, run_id=args.run_id)
+                   R=args.R, run_id=args.run_id, seeds=args.seeds, gallery=args.gallery)
     if args.format == "csv":
         sys.stdout.write(to_csv(out["rows"]))
     elif args.format == "json":
@@ -249,7 +249,8 @@ def cmd_update_model(args) -> int:
     out = run_flow(update_model, args, dataset=args.dataset, old_model_id=args.old, arch=args.arch,
                    method=args.method, new_model_id=args.new_model_id, epochs=args.epochs,
                    bits=_csv_list(args.bits, int), max_flip_rate=args.max_flip_rate)
-    _print({k: out[k] for k in ("model_id", "gate_passed", "gate_reason", "compat", "compat_codes")})
+    _print({k: out[k] for k in ("model_id", "status", "gate_passed", "gate_reason", "gate", "compat_val", "compat",
+                                "compat_codes")})
     return 0 if out["gate_passed"] else 3
 
 
@@ -412,7 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--features", default=None, help="model id whose features to use (default <dataset>-small-cnn)")
     sp.add_argument("--methods", help="comma list (default: lsh,pca-rr,itq,pq,opq,float); also drq, "
-                                      "drq-per-length, llc, gsl, gsl-none, gsl-qloss")
+                                      "drq-per-length, llc, gsl, gsl-none, gsl-qloss, and the ceiling/isolation "
+                                      "rows float-cos, drq-emb, drq-emb+pq, drq-emb+rq, gsl-emb, gsl-none-emb")
+    sp.add_argument("--seeds", type=int, help="seeds per learned method: rows are mean ± std (default 1: no spread)")
+    sp.add_argument("--gallery", choices=["all", "no-train"], default="all",
+                    help="the gallery: every non-query row, or without the coders' train/val rows")
     sp.add_argument("--bits", help="comma list of code lengths (default 8,16,32,64)")
     sp.add_argument("--R", type=int, default=None, help="mAP cut-off (default: all)")
     sp.add_argument("--run-id")
@@ -507,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=6)
     sp.add_argument("--bits", help="DRQ code lengths for the code-level matrix (default 16,32,64)")
     sp.add_argument("--max-flip-rate", type=float,
-                    help="also refuse when more than this fraction of queries right at top-1 under the "
-                         "old model turn wrong (negative flips; default: mAP cells only)")
+                    help="refuse when more than this fraction of val queries right at top-1 under the old "
+                         "model turn wrong (negative flips; default 0.25; 1 switches the bound off)")
 
     add("serve", cmd_serve, "serve every deployment in prefect.yaml from this process (needs PREFECT_API_URL); "
         "refuses prefect.yaml keys it cannot honour")

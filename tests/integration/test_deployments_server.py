@@ -146,3 +146,54 @@ def test_new_shards_drive_the_chain_to_a_new_index_version(tmp_path):
             assert any(l.flow_run_id == failed.id and "codeshard: codes-stage run" in l.message for l in logs)
             time.sleep(5)
             assert sum(r.name.startswith("refresh index") for r in flow_runs(url)) == n_refresh
+
+
+def test_codeshard_serve_runs_a_deployment_from_a_real_server(tmp_path):
+    """The other path: `codeshard serve` (one process, no work pool) against a real `prefect server
+    start`. A deployment run asked through the API (a manual backfill over parts 1:3, extract only)
+    is picked up and runs in a subprocess of `serve` with the served settings: exactly those parts
+    are extracted, written by a process other than this one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.ingest import ingest
+    from infra.manifests import read_manifest
+    from tests.integration.prefect_server import base_env, stop
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    cfg = Settings.load(store=f"file://{tmp_path / 'store'}", max_workers=2)
+    params = {"store": cfg.store, "max_workers": 2}
+    store = open_store(cfg)
+    with prefect_server(home) as url, temporary_settings({PREFECT_API_URL: url}):
+        assert ingest(DATASET, shard_rows=300, settings=params)["done"] == 6
+        register_untrained_cnn(store, MODEL)
+        env = base_env(home) | {"PREFECT_API_URL": url, "CODESHARD_STORE": cfg.store, "CODESHARD_HEAVY_LIMIT": "0",
+                                "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+        log = open(tmp_path / "serve.log", "wb")
+        serve = subprocess.Popen([str(Path(sys.executable).parent / "codeshard"), "serve"], env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            t0 = time.monotonic()
+            while True:  # served deployments appear once `serve` has registered them
+                try:
+                    run = run_deployment("backfill/backfill", timeout=180,
+                                         parameters={"dataset": DATASET, "model_id": MODEL, "shards": "1:3",
+                                                     "stages": ["extract"]})
+                    break
+                except Exception:  # noqa: BLE001 - ObjectNotFound until serve registered it
+                    assert time.monotonic() - t0 < 120, (tmp_path / "serve.log").read_text()[-3000:]
+                    time.sleep(2)
+            assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
+        finally:
+            stop(serve)
+            log.close()
+    done = {layout.part_of(i.key) for i in store.list(layout.manifests_prefix("extract", DATASET, MODEL))}
+    assert done == {1, 2}
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    assert all(read_manifest(store, layout.manifest_key("extract", DATASET, MODEL, p)).writer != here for p in done)
