@@ -22,7 +22,8 @@ from tests.helpers import register_untrained_cnn
 
 
 def task_states(state, task_name: str) -> collections.Counter:
-    """State names of the `task_name` runs of the flow run that ended in `state`."""
+    """State names of the runs of task `task_name` (its function's name: run names are templates)
+    in the flow run that ended in `state`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -30,7 +31,7 @@ def task_states(state, task_name: str) -> collections.Counter:
         async with get_client() as c:
             runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            return collections.Counter(r.state.name for r in runs if r.name.startswith(task_name))
+            return collections.Counter(r.state.name for r in runs if r.task_key.rsplit("-", 1)[0] == task_name)
 
     return anyio.run(read)
 

@@ -15,7 +15,7 @@ from tests.helpers import register_untrained_cnn
 
 
 def task_names(state) -> collections.Counter:
-    """Task-run counts by task name ('extract_shards-7f3' -> 'extract_shards') of one flow run."""
+    """Task-run counts by task (its key 'extract_shards-7f3…' -> 'extract_shards') of one flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -23,7 +23,7 @@ def task_names(state) -> collections.Counter:
         async with get_client() as c:
             runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            return collections.Counter(r.name.rsplit("-", 1)[0] for r in runs)
+            return collections.Counter(r.task_key.rsplit("-", 1)[0] for r in runs)
 
     return anyio.run(read)
 
