@@ -25,9 +25,9 @@ def ensure_heavy_limit(limit: int) -> bool:
 
     Set only against a server that gives back a killed run's slots: one named by PREFECT_API_URL
     (`prefect server start`, a temporary server has no repossessor) whose settings do not turn the
-    repossessor off. Otherwise the limit is not set, and a log line says why (a warning when a
-    named server's repossessor is off). A temporary server named
-    by PREFECT_API_URL (the test harness) cannot be told apart: tests/conftest.py sets
+    repossessor off. Otherwise the limit is not set, and a log line says why (debug without a
+    server, a warning when a named server's repossessor is off). A temporary server named by
+    PREFECT_API_URL (the test harness) cannot be told apart: tests/conftest.py sets
     CODESHARD_HEAVY_LIMIT=0 for it. Cost: two Prefect API calls (read settings, upsert the limit)."""
     if limit <= 0:
         return False
@@ -36,9 +36,9 @@ def ensure_heavy_limit(limit: int) -> bool:
 
     if not PREFECT_API_URL.value():
         # the ordinary case of a run without a server (the demo, a CLI command): no limit to share,
-        # so an info line, not a warning on every command
-        LOG.info("heavy_limit=%d not set: it needs a Prefect server (PREFECT_API_URL); a temporary "
-                 "server never gives back the slot of a killed run", limit)
+        # so a debug line (-v), not a warning on every command
+        LOG.debug("heavy_limit=%d not set: it needs a Prefect server (PREFECT_API_URL); a temporary "
+                  "server never gives back the slot of a killed run", limit)
         return False
     with get_client(sync_client=True) as client:
         if not _server_reaps_leases(client):

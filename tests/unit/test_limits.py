@@ -9,12 +9,12 @@ from flows.limits import ensure_heavy_limit
 
 def test_heavy_limit_is_not_set_on_a_temporary_server(caplog):
     """Without PREFECT_API_URL (a temporary server, which never gives back a killed run's slot) the
-    limit is left unset, said in an info line (not a warning: that is every plain CLI run); 0 is silent."""
-    with temporary_settings(updates={PREFECT_API_URL: None}), caplog.at_level(logging.INFO, logger="flows.limits"):
+    limit is left unset, said in a debug line (not a warning: that is every plain CLI run); 0 is silent."""
+    with temporary_settings(updates={PREFECT_API_URL: None}), caplog.at_level(logging.DEBUG, logger="flows.limits"):
         assert ensure_heavy_limit(2) is False
         ensure_heavy_limit(0)
     [record] = [r for r in caplog.records if r.name == "flows.limits"]
-    assert record.levelno == logging.INFO
+    assert record.levelno == logging.DEBUG
     assert "heavy_limit=2 not set: it needs a Prefect server (PREFECT_API_URL)" in record.getMessage()
 
 
