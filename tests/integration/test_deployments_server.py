@@ -72,6 +72,7 @@ def flow_runs(url: str):
         return anyio.run(read)
 
 
+@pytest.mark.slow  # ~155 s quiet; once over its 240 s chain bound in a loaded full run: `make test-all` runs it
 def test_new_shards_drive_the_chain_to_a_new_index_version(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
