@@ -333,22 +333,15 @@ def cmd_search(args) -> int:
 
 def cmd_ls(args) -> int:
     from infra import catalog
+    from infra.index_plan import human_bytes
 
     store = existing_store(args)
     for kind in [args.kind] if args.kind else list(catalog.KINDS):
         entries = catalog.list_kind(store, kind)
         print(f"== {kind} ({len(entries)})")
         for e in entries:
-            print(f"  {e.name:48s} {_human(e.size_bytes):>9s}  {e.detail}")
+            print(f"  {e.name:48s} {human_bytes(e.size_bytes):>10s}  {e.detail}")
     return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _print(obj: Any) -> None:
