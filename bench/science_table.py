@@ -3,6 +3,8 @@
     PYTHONPATH=. python bench/science_table.py --protocol seen    [--seeds 0,1,2] [--out DIR]
     PYTHONPATH=. python bench/science_table.py --protocol unseen
     PYTHONPATH=. python bench/science_table.py --protocol wordnet
+    PYTHONPATH=. python bench/science_table.py --protocol seen --rows drq,drq-levels,drq-per-length
+                                                    (only those rows; OUT/science_seen_rows.{md,json})
 
 Features: bench/features_cache.py (/tmp/sci/*.npz). Settings: the defaults, i.e. the val-selected ones
 (encoders/selection.py; bench/select_on_val.py). Nothing here selects: query rows are scored once.
@@ -62,7 +64,8 @@ def splits(protocol: str, root: Path) -> tuple[dict[str, Split], dict[str, Split
     return out, no_train
 
 
-def run_seed(sp, no_train, bits, seed, log) -> list[EvalRow]:
+def run_seed(sp, no_train, bits, seed, log, only: set[str] | None = None) -> list[EvalRow]:
+    """Every row of the table for one seed (`only`: the rows whose name before " (" is listed)."""
     tr, va, q, db = sp["train"], sp["val"], sp["query"], sp["database"]
     rows: list[EvalRow] = []
 
@@ -73,6 +76,8 @@ def run_seed(sp, no_train, bits, seed, log) -> list[EvalRow]:
         return c, time.perf_counter() - t0
 
     def add(name, make, lengths, extra_gallery=False):
+        if only is not None and name.split(" (")[0] not in only:
+            return None
         t0 = time.time()
         try:
             coder, fit_s = make()
@@ -98,6 +103,10 @@ def run_seed(sp, no_train, bits, seed, log) -> list[EvalRow]:
         add("itq", lambda: fit("itq", b), [b], extra_gallery=True)
         add("pq", lambda: fit("pq", b), [b], extra_gallery=True)
     drq = add("drq", lambda: fit("drq", max(bits)), list(bits), extra_gallery=True)
+    add("drq-levels (per-level codebooks, no scalars)", lambda: fit("drq", max(bits), codebooks="per-level"),
+        list(bits))
+    for b in bits:  # DRQ's "one model serves every length" against a model trained for each length
+        add("drq-per-length", lambda: fit("drq", b), [b])
     if drq is not None:
         add("drq-emb (DRQ's float ceiling)", lambda: _fit_view(EmbeddingCoder(drq), tr), None)
         for b in bits:
@@ -196,10 +205,30 @@ def claims(agg: list[dict]) -> list[str]:
         cmp(("drq", b), ("drq-emb+pq", b), f"DRQ@{b} > PQ on DRQ's own embedding @{b} (the quantiser's gain)")
         cmp(("drq", b), ("drq-emb+rq", b), f"DRQ@{b} > plain RQ on DRQ's own embedding @{b}")
         cmp(("llc", b), ("itq", 2 * b), f"LLC@{b} > ITQ@{2 * b}")
+        cmp(("drq", b), ("drq-levels (per-level codebooks, no scalars)", b),
+            f"DRQ@{b} > per-level codebooks @{b} (the shared codebook's gain)")
+        cmp(("drq", b), ("drq-per-length", b), f"DRQ (one model)@{b} vs a model trained for {b} bits")
     for b in GSL_BITS:
         cmp(("gsl", b), ("gsl-none", b), f"GSL@{b} > gsl-none@{b}")
         cmp(("gsl", b), ("gsl-qloss", b), f"GSL@{b} > gsl-qloss@{b} (matched strength)")
     return out
+
+
+def fit_times(agg: list[dict]) -> str:
+    """Training seconds of the DRQ models, mean ± std over seeds: one model serves every length, a
+    per-length model serves one (their sum is what per-length training costs)."""
+    first = {}
+    for r in agg:
+        if r["n_seeds"] and r["method"].startswith("drq") and "emb" not in r["method"]:
+            first.setdefault(r["method"] if r["method"] != "drq-per-length" else (r["method"], r["bits"]), r)
+    lines = ["| DRQ model | fit s (mean ± std) |", "|---|---|"]
+    for k, r in first.items():
+        name = k if isinstance(k, str) else f"{k[0]} {k[1]} bits"
+        lines.append(f"| {name} | {r['fit_s']:.0f} ± {r['fit_s_std']:.0f} |")
+    per_len = [r for k, r in first.items() if not isinstance(k, str)]
+    if per_len:
+        lines.append(f"| drq-per-length, all {len(per_len)} models | {sum(r['fit_s'] for r in per_len):.0f} |")
+    return "\n".join(lines)
 
 
 def plot(agg: list[dict], protocol: str) -> bytes:
@@ -220,6 +249,7 @@ def main() -> int:
     ap.add_argument("--bits", default="8,16,32,64")
     ap.add_argument("--features", default="/tmp/sci")
     ap.add_argument("--out", default="/tmp/sci")
+    ap.add_argument("--rows", help="comma-separated row names (before ' ('): run only those")
     ap.add_argument("--plot", help="only redraw: read OUT/science_PROTOCOL.json, write this PNG")
     a = ap.parse_args()
     if a.plot:
@@ -237,14 +267,17 @@ def main() -> int:
 
     log(f"{a.protocol}: train {len(sp['train'].labels)}, val {len(sp['val'].labels)}, query {len(sp['query'].labels)}, "
         f"gallery {len(sp['database'].labels)}, classes {len(np.unique(sp['train'].labels))}")
-    per_seed = [run_seed(sp, no_train, bits, s, log) for s in seeds]
+    only = set(a.rows.split(",")) if a.rows else None
+    per_seed = [run_seed(sp, no_train, bits, s, log, only) for s in seeds]
     agg = aggregate(per_seed)
     title = (f"{a.protocol} protocol: mAP@all, mean ± std over seeds {seeds} (query vs gallery; "
              f"val-selected settings)")
-    text = "\n\n".join([markdown(agg, bits, title), detail(agg), "\n".join(claims(agg))])
-    Path(a.out, f"science_{a.protocol}.md").write_text(text + "\n")
-    Path(a.out, f"science_{a.protocol}.json").write_text(json.dumps(agg, indent=1))
-    Path(a.out, f"science_{a.protocol}.png").write_bytes(plot(agg, a.protocol))
+    text = "\n\n".join([markdown(agg, bits, title), detail(agg), "\n".join(claims(agg)), fit_times(agg)])
+    stem = f"science_{a.protocol}" + ("_rows" if only else "")
+    Path(a.out, f"{stem}.md").write_text(text + "\n")
+    Path(a.out, f"{stem}.json").write_text(json.dumps(agg, indent=1))
+    if not only:
+        Path(a.out, f"{stem}.png").write_bytes(plot(agg, a.protocol))
     print(text)
     log("done")
     return 0

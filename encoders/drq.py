@@ -63,6 +63,7 @@ class DRQConfig:
     quant_weight: float = 1.0       # weight of the quantisation losses against the similarity loss
     prefix_loss: bool = True        # average quantisation losses over every prefix length
     finetune_embedding: bool = True  # keep training the MLP during the codebook stages
+    codebooks: str = "shared"       # "shared" (C + scalars, DRQ) or "per-level" (ablation: encoders/drq_levels.py)
     epochs_embed: int = 30
     epochs_level0: int = 5
     epochs_all: int = 15
@@ -84,6 +85,8 @@ class DRQConfig:
             raise ValueError(f"drq: assign must be 'l2' or 'cos', got {self.assign!r}")
         if self.score not in ("ip", "l2", "cos"):
             raise ValueError(f"drq: score must be 'ip', 'l2' or 'cos', got {self.score!r}")
+        if self.codebooks not in ("shared", "per-level"):
+            raise ValueError(f"drq: codebooks must be 'shared' or 'per-level', got {self.codebooks!r}")
 
     @property
     def bits_per_level(self) -> int:
@@ -190,6 +193,25 @@ class DRQNet(nn.Module):
         """(n, L) level indices -> (n, D) z_hat = sum_m s_m C[b_m]."""
         s = self.scales(b.shape[1])
         return torch.einsum("nld,l->nd", self.codebook[b], s)
+
+    def level_codebooks(self, levels: int) -> torch.Tensor:
+        """(levels, K, D) the codebook each level draws from: s_m C."""
+        return self.scales(levels)[:, None, None] * self.codebook[None]
+
+    @torch.no_grad()
+    def init_codebooks(self, z: torch.Tensor, seed: int) -> None:
+        """k-means of the embeddings z (n, D) for C; scales by greedy least squares."""
+        self.codebook.copy_(torch.from_numpy(_kmeans(z.numpy(), self.cfg.codebook_size, seed)))
+        _init_scales(self, z)
+
+
+def make_net(d_in: int, cfg: DRQConfig) -> DRQNet:
+    """The network for `cfg.codebooks`: DRQ's shared codebook, or the per-level ablation."""
+    if cfg.codebooks == "per-level":
+        from encoders.drq_levels import PerLevelDRQNet  # the ablation subclasses DRQNet
+
+        return PerLevelDRQNet(d_in, cfg)
+    return DRQNet(d_in, cfg)
 
 
 def _similarity_loss(cfg: DRQConfig, z: torch.Tensor, y: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
@@ -308,6 +330,11 @@ class DRQCoder(Coder):
             raise RuntimeError("drq: coder is not fitted; call fit() or from_state() first")
         return self.net
 
+    def _require_shared(self) -> DRQNet:
+        if self.config.codebooks != "shared":
+            raise ValueError("drq: one lookup table per query needs the shared codebook (codebooks='shared')")
+        return self._require_fit()
+
     def additive_codebooks(self, bits: int) -> tuple[np.ndarray, int, str] | None:
         """(levels, K, dim) codebooks s_m·C, log2(K) bits per level and the score ('ip' | 'l2') of the
         codes at `bits`: z_hat = sum_m s_m C[b_m]. None when the score is not additive ('cos')."""
@@ -315,9 +342,8 @@ class DRQCoder(Coder):
             return None
         net, levels = self._require_fit(), self._levels_for(bits)
         with torch.no_grad():
-            cb = net.codebook.detach().cpu().numpy().astype(np.float32)
-            s = net.scales(levels).detach().cpu().numpy().astype(np.float32).reshape(-1)
-        return np.stack([s[m] * cb for m in range(levels)]), self.config.bits_per_level, self.config.score
+            cbs = net.level_codebooks(levels).detach().cpu().numpy().astype(np.float32)
+        return cbs, self.config.bits_per_level, self.config.score
 
     def prefix_codes(self, codes: np.ndarray, bits: int) -> np.ndarray:
         """First `bits` bits of full codes; for K < 256 a length that ends inside a byte keeps that byte
@@ -354,7 +380,7 @@ class DRQCoder(Coder):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
 
-        net = DRQNet(x.shape[1], cfg)
+        net = make_net(x.shape[1], cfg)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         net.mean.copy_(xt.mean(0))
         net.inv_std.copy_(1.0 / xt.std(0).clamp_min(1e-6))
@@ -378,11 +404,8 @@ class DRQCoder(Coder):
             sched.step()
         t_embed = time.perf_counter() - t0
 
-        # codebook init: k-means of the embeddings; scales by greedy least squares
         with torch.no_grad():
-            z_all = net.embed(xt)
-            net.codebook.copy_(torch.from_numpy(_kmeans(z_all.numpy(), cfg.codebook_size, cfg.seed)))
-            _init_scales(net, z_all)
+            net.init_codebooks(net.embed(xt), cfg.seed)
 
         # stage 2: level 0 of the codebook; stage 3: all levels (+ scales). The embedding keeps
         # training (similarity + quantisation losses) at lr/10 when finetune_embedding.
@@ -472,7 +495,7 @@ class DRQCoder(Coder):
     @torch.no_grad()
     def lookup_tables(self, queries: np.ndarray) -> np.ndarray:
         """(nq, D_in) -> (nq, K) T[k] = <q_emb, C_k>: one table serves every level (shared codebook)."""
-        net = self._require_fit()
+        net = self._require_shared()
         return (torch.from_numpy(self.embed(queries)) @ net.codebook.T).numpy()
 
     def lut_scores(self, queries: np.ndarray, codes: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -482,7 +505,7 @@ class DRQCoder(Coder):
 
     @torch.no_grad()
     def _lut_ip(self, qe: np.ndarray, codes: np.ndarray, bits: int | None) -> np.ndarray:
-        net = self._require_fit()
+        net = self._require_shared()
         b = self.decode_levels(codes, bits)
         s = net.scales(b.shape[1]).numpy()
         tables = (torch.from_numpy(qe) @ net.codebook.T).numpy()
@@ -524,7 +547,7 @@ class DRQCoder(Coder):
         levels = self._levels_for(bits)
         qe = self.embed(queries)
         score = self.config.score
-        use_gemm = self.config.dim <= 64 * levels
+        use_gemm = self.config.dim <= 64 * levels or self.config.codebooks != "shared"  # tables: shared C only
         if score == "l2":
             qe *= 2  # -||q - z||^2 = 2<q, z> - ||z||^2 - 1 for unit q: one GEMM, one subtraction
         if use_gemm or score != "ip":
@@ -546,6 +569,8 @@ class DRQCoder(Coder):
         st = self.state()
         st["config"]["levels"] = levels
         st["level_scales"] = st["level_scales"][: levels - 1].clone()
+        if self.config.codebooks == "per-level":
+            st["codebook"] = st["codebook"][:levels].clone()
         return DRQCoder.from_state(st)
 
     def state(self) -> dict[str, Any]:
@@ -562,7 +587,7 @@ class DRQCoder(Coder):
         if state.get("method") != "drq":
             raise ValueError(f"drq: state is for method {state.get('method')!r}")
         coder = cls(DRQConfig(**state["config"]))
-        net = DRQNet(int(state["d_in"]), coder.config)
+        net = make_net(int(state["d_in"]), coder.config)
         keys = set(net.state_dict())
         net.load_state_dict({k: state[k] for k in keys})
         net.eval()
