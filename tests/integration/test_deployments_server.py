@@ -126,10 +126,16 @@ def test_new_shards_drive_the_chain_to_a_new_index_version(tmp_path):
             assert 7 not in inputs  # quarantined, the rest published
             assert store.exists(layout.quarantine_key("extract", layout.raw_key(DATASET, 7)) + ".reason.json")
 
-            runs = {r.name: r for r in flow_runs(url)}
-            for name in (f"extract {DATASET} parts 6:8 with {MODEL}", f"encode {DATASET} parts 6 ({MODEL} features)",
-                         f"refresh index {INDEX}"):
-                assert runs[name].state_name == "Completed", name
+            # CURRENT moves before the refresh run ends (it still emits its event): wait for the runs to end
+            chain = (f"extract {DATASET} parts 6:8 with {MODEL}", f"encode {DATASET} parts 6 ({MODEL} features)",
+                     f"refresh index {INDEX}")
+            while True:
+                runs = {r.name: r for r in flow_runs(url)}
+                if all(runs[name].state.is_final() for name in chain):
+                    break
+                assert time.monotonic() - t0 < CHAIN_BOUND_S, [(n, runs[n].state_name) for n in chain]
+                time.sleep(1)
+            assert [runs[name].state_name for name in chain] == ["Completed"] * 3, [runs[n].state for n in chain]
 
             # a failing stage notifies (run log + artifact) and emits nothing: no index run follows it
             n_refresh = sum(r.name.startswith("refresh index") for r in flow_runs(url))
