@@ -4,7 +4,8 @@
     PYTHONPATH=. python bench/science_table.py --protocol unseen
     PYTHONPATH=. python bench/science_table.py --protocol wordnet
     PYTHONPATH=. python bench/science_table.py --protocol seen --rows drq,drq-levels,drq-per-length
-                                                    (only those rows; OUT/science_seen_rows.{md,json})
+        (only those rows, one gallery; OUT/science_seen_drq+drq-levels+drq-per-length.{md,json}, and a
+         .jsonl of every finished row as it lands)
 
 Features: bench/features_cache.py (/tmp/sci/*.npz). Settings: the defaults, i.e. the val-selected ones
 (encoders/selection.py; bench/select_on_val.py). Nothing here selects: query rows are scored once.
@@ -26,6 +27,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +66,11 @@ def splits(protocol: str, root: Path) -> tuple[dict[str, Split], dict[str, Split
     return out, no_train
 
 
-def run_seed(sp, no_train, bits, seed, log, only: set[str] | None = None) -> list[EvalRow]:
-    """Every row of the table for one seed (`only`: the rows whose name before " (" is listed)."""
+def run_seed(sp, no_train, bits, seed, log, only: set[str] | None = None,
+             partial: Path | None = None) -> list[EvalRow]:
+    """Every row of the table for one seed (`only`: the rows whose name before " (" is listed, without
+    the second gallery). `partial`: each finished row is appended there as a JSON line, so a run cut
+    short still leaves what it measured."""
     tr, va, q, db = sp["train"], sp["val"], sp["query"], sp["database"]
     rows: list[EvalRow] = []
 
@@ -81,8 +86,12 @@ def run_seed(sp, no_train, bits, seed, log, only: set[str] | None = None) -> lis
         t0 = time.time()
         try:
             coder, fit_s = make()
-            rows.extend(_rows_of(coder, name, tr, va, q, db, None, fit_s, 100, lengths))
-            if extra_gallery and no_train is not None:
+            new = _rows_of(coder, name, tr, va, q, db, None, fit_s, 100, lengths)
+            rows.extend(new)
+            if partial is not None:
+                with partial.open("a") as f:
+                    f.writelines(json.dumps({"seed": seed, **asdict(r)}, default=float) + "\n" for r in new)
+            if extra_gallery and no_train is not None and only is None:
                 rows.extend(_rows_of(coder, name + " [gallery w/o train]", tr, va, q, no_train["database"], None,
                                      fit_s, 100, lengths))
             log(f"  seed {seed} {name} {lengths}: {time.time() - t0:.0f} s")
@@ -269,12 +278,13 @@ def main() -> int:
     log(f"{a.protocol}: train {len(sp['train'].labels)}, val {len(sp['val'].labels)}, query {len(sp['query'].labels)}, "
         f"gallery {len(sp['database'].labels)}, classes {len(np.unique(sp['train'].labels))}")
     only = set(a.rows.split(",")) if a.rows else None
-    per_seed = [run_seed(sp, no_train, bits, s, log, only) for s in seeds]
+    stem = f"science_{a.protocol}" + ("_" + a.rows.replace(",", "+") if only else "")
+    partial = Path(a.out, f"{stem}_{'+'.join(map(str, seeds))}.jsonl")
+    per_seed = [run_seed(sp, no_train, bits, s, log, only, partial) for s in seeds]
     agg = aggregate(per_seed)
     title = (f"{a.protocol} protocol: mAP@all, mean ± std over seeds {seeds} (query vs gallery; "
              f"val-selected settings)")
     text = "\n\n".join([markdown(agg, bits, title), detail(agg), "\n".join(claims(agg)), fit_times(agg)])
-    stem = f"science_{a.protocol}" + ("_rows" if only else "")
     Path(a.out, f"{stem}.md").write_text(text + "\n")
     Path(a.out, f"{stem}.json").write_text(json.dumps(agg, indent=1))
     if not only:
