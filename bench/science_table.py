@@ -6,6 +6,8 @@
     PYTHONPATH=. python bench/science_table.py --protocol seen --rows drq,drq-levels,drq-per-length
         (only those rows, one gallery; OUT/science_seen_drq+drq-levels+drq-per-length.{md,json}, and a
          .jsonl of every finished row as it lands)
+    PYTHONPATH=. python bench/science_table.py --combine 'DIR/*.jsonl' [--out DIR]
+        (one table from the .jsonl rows of several runs, e.g. one process per seed on a busy machine)
 
 Features: bench/features_cache.py (/tmp/sci/*.npz). Settings: the defaults, i.e. the val-selected ones
 (encoders/selection.py; bench/select_on_val.py). Nothing here selects: query rows are scored once.
@@ -142,6 +144,18 @@ def _fit_view(v, tr):
     return v, time.perf_counter() - t0
 
 
+def combined_rows(pattern: str) -> list[list[EvalRow]]:
+    """EvalRows of every .jsonl file matching `pattern`, grouped by seed (one list per seed)."""
+    import glob
+
+    by_seed: dict[int, list[EvalRow]] = defaultdict(list)
+    for path in sorted(glob.glob(pattern)):
+        for line in Path(path).read_text().splitlines():
+            d = json.loads(line)
+            by_seed[d.pop("seed")].append(EvalRow(**d))
+    return [by_seed[k] for k in sorted(by_seed)]
+
+
 def aggregate(per_seed: list[list[EvalRow]]) -> list[dict]:
     groups: dict[tuple, list[EvalRow]] = defaultdict(list)
     order = []
@@ -260,15 +274,24 @@ def main() -> int:
     ap.add_argument("--features", default="/tmp/sci")
     ap.add_argument("--out", default="/tmp/sci")
     ap.add_argument("--rows", help="comma-separated row names (before ' ('): run only those")
+    ap.add_argument("--combine", help="glob of .jsonl row files: aggregate them into one table, run nothing")
     ap.add_argument("--plot", help="only redraw: read OUT/science_PROTOCOL.json, write this PNG")
     a = ap.parse_args()
     if a.plot:
         agg = json.loads(Path(a.out, f"science_{a.protocol}.json").read_text())
         Path(a.plot).write_bytes(plot(agg, a.protocol))
         return 0
+    bits = [int(b) for b in a.bits.split(",")]
+    if a.combine:
+        agg = aggregate(combined_rows(a.combine))
+        text = "\n\n".join([markdown(agg, bits, f"{a.protocol} protocol, combined from {a.combine}"), detail(agg),
+                             "\n".join(claims(agg)), fit_times(agg)])
+        Path(a.out, f"science_{a.protocol}_combined.md").write_text(text + "\n")
+        Path(a.out, f"science_{a.protocol}_combined.json").write_text(json.dumps(agg, indent=1))
+        print(text)
+        return 0
     torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")]
-    bits = [int(b) for b in a.bits.split(",")]
     sp, no_train = splits(a.protocol, Path(a.features))
     t0 = time.time()
 
