@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    d = np.load(a.features)
+    path = Path(a.features)
+    if not path.exists():  # first run (e.g. `make bench`): build the shared features
+        from bench import features_cache
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features_cache.fmnist(path.parent)
+    d = np.load(path)
     train = d["split"] == "train"
     x, y = d["features"][train].astype(np.float32), d["labels"][train]
     rows = []
