@@ -1,4 +1,4 @@
-"""encoders/llc.py: straight-through class codes, phase order, Hamming search, OOD flag, state."""
+"""encoders/llc.py, llc_model.py, llc_train.py: straight-through class codes, phase order, Hamming search, OOD flag, state."""
 import io
 
 import numpy as np
