@@ -570,9 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for expected failures
         if args.verbose:
             raise
-        from infra.store import _clean
+        from infra.store import clean_error
 
-        print(f"codeshard {args.command}: error: {type(e).__name__}: {_clean(e)}", file=sys.stderr)
+        print(f"codeshard {args.command}: error: {type(e).__name__}: {clean_error(e)}", file=sys.stderr)
         return 2
 
 

@@ -28,7 +28,8 @@ from infra.registry import register_coder
 from infra.search import Searcher
 from infra.settings import Settings
 from infra.shards import codes_table, features_table, write_table
-from infra.store import Store, open_store
+from infra.store import open_store
+from infra.store_counts import ACCESS
 from flows.cli import main as cli
 from tests.conftest import settings_dict
 from tests.helpers import register_untrained_cnn
@@ -94,7 +95,7 @@ def assert_equals_coder_ranking(res, coder, db_ids, db_codes, queries, k=10):
 def code_reads_since(store, coder_id: str, before: collections.Counter) -> set[str]:
     """Code shard keys read by anything in this process (every task's store) since `before`."""
     prefix = store.uri_of(layout.codes_prefix(DATASET, coder_id))
-    return {k[len(store.uri_of("")):] for k, n in Store.reads.items() if k.startswith(prefix) and n > before[k]}
+    return {k[len(store.uri_of("")):] for k, n in ACCESS.reads().items() if k.startswith(prefix) and n > before[k]}
 
 
 def staged(store, name):
@@ -158,7 +159,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
 
     # -- refresh after adding 2 shards (10%): reads only those -----------------------------------
     write_parts(store, coders, range(20, 22))
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     r = refresh_index("synth-itq", settings=cfg)
     new_keys = {layout.codes_key(DATASET, "itq-test", p) for p in (20, 21)}
     assert (r["status"], r["version"], r["n"], r["based_on"]) == ("published", 2, 6600, 1)
@@ -169,7 +170,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     db_ids, db_x, db_codes = all_codes(itq, range(22))
     assert_equals_coder_ranking(res2, itq, db_ids, db_codes, queries)
     # nothing new: up to date, no code shard read
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     again = cli_json(capsys, "index", "refresh", "--name", "synth-itq", settings=s3_settings)
     assert not code_reads_since(store, "itq-test", before)
     assert (again["status"], again["version"], again["code_shards_read"]) == ("up-to-date", 2, {})
@@ -177,7 +178,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     # -- a changed shard and a deleted shard: their old rows go, the changed one is re-read ----------
     write_parts(store, {"itq-test": itq}, range(3, 4), seed=7)
     store.delete(layout.codes_key(DATASET, "itq-test", 5))
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     with pytest.raises(ix.IndexBuildError, match="allow_removal"):  # a shrink needs a stated reason
         refresh_index("synth-itq", settings=cfg)
     assert ix.read_current(store, "synth-itq").version == 2
@@ -206,7 +207,7 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
     assert (s["status"], s["index_type"], s["recall_at_10"], s["n"]) == ("published", ix.PQ_LUT, 1.0, 2400)
     invalid = ix.read_build(store, "synth-pq", 1)["invalid"]
     assert [i["key"] for i in invalid] == [bad] and "not a readable codes shard" in invalid[0]["reason"]
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     assert refresh_index("synth-pq", settings=cfg)["status"] == "up-to-date"  # unchanged: not re-read
     assert not code_reads_since(store, "pq-test", before)
     res = Searcher(store, "synth-pq").search(queries, k=10)
