@@ -52,7 +52,7 @@ def cmd_search(args) -> int:
     if args.id is not None:
         res = searcher.search_by_id(args.id, args.k, nprobe=args.nprobe)
     else:
-        model_id = searcher.current().build.get("model_id")
+        model_id = searcher.current().build.model_id
         if not model_id:
             raise ValueError(f"index {args.name} records no model_id: search it --id")
         image = open(args.image, "rb").read() if args.image else None

@@ -120,12 +120,12 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     assert (s["status"], s["version"], s["n"], s["index_type"]) == ("published", 1, 6000, ix.BINARY_FLAT)
     assert s["recall_at_10"] == 1.0 and s["batches"] == {"total": 5, "done": 5, "skipped": 0}
     b = ix.read_build(store, "synth-itq", 1)
-    assert b["n"] == 6000 and b["index_bytes"] > 6000 * 4 and b["bits"] == 32 and b["coder_id"] == "itq-test"
-    assert set(b["seconds"]) >= {"train", "add_wall", "add_tasks", "merge", "eval", "total"}
-    assert b["peak_rss_bytes"]["merge"] > 0 and b["eval"]["queries"] == ix.QUERIES and b["eval"]["p99_ms"] > 0
-    assert [i["part"] for i in b["inputs"]] == list(range(20))
-    assert all(i["checksum"] == store.head(i["key"]).etag for i in b["inputs"])
-    assert set(b["code_shards_read"]) == {layout.codes_key(DATASET, "itq-test", p) for p in range(20)}
+    assert b.n == 6000 and b.index_bytes > 6000 * 4 and b.bits == 32 and b.coder_id == "itq-test"
+    assert set(b.seconds) >= {"train", "add_wall", "add_tasks", "merge", "eval", "total"}
+    assert b.peak_rss_bytes["merge"] > 0 and b.eval["queries"] == ix.QUERIES and b.eval["p99_ms"] > 0
+    assert [i["part"] for i in b.inputs] == list(range(20))
+    assert all(i["checksum"] == store.head(i["key"]).etag for i in b.inputs)
+    assert set(b.code_shards_read) == {layout.codes_key(DATASET, "itq-test", p) for p in range(20)}
     assert not staged(store, "synth-itq")
     keys = {i.key.rsplit("/", 1)[-1] for i in store.list(layout.index_version_prefix("synth-itq", 1))}
     assert keys == {"_claim.json", "index.faiss", "ids.parquet", "build.json"}
@@ -189,8 +189,8 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     assert len(np.unique(ci.ids)) == 6300 and not (ci.parts == 5).any()
     new3 = synthetic(range(3, 4), seed=7)[0]
     np.testing.assert_array_equal(np.sort(ci.ids[ci.parts == 3]), np.sort(new3))
-    assert b3["delta"]["changed"] == [layout.codes_key(DATASET, "itq-test", 3)]
-    assert b3["removal_reason"] == "part 5 withdrawn by the test"
+    assert b3.delta["changed"] == [layout.codes_key(DATASET, "itq-test", 3)]
+    assert b3.removal_reason == "part 5 withdrawn by the test"
 
 
 def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
@@ -205,7 +205,7 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
 
     s = build_index(DATASET, "pq-test", 32, "synth-pq", shards_per_task=3, settings=cfg)
     assert (s["status"], s["index_type"], s["recall_at_10"], s["n"]) == ("published", ix.PQ_LUT, 1.0, 2400)
-    invalid = ix.read_build(store, "synth-pq", 1)["invalid"]
+    invalid = ix.read_build(store, "synth-pq", 1).invalid
     assert [i["key"] for i in invalid] == [bad] and "not a readable codes shard" in invalid[0]["reason"]
     before = ACCESS.reads()
     assert refresh_index("synth-pq", settings=cfg)["status"] == "up-to-date"  # unchanged: not re-read
@@ -216,7 +216,7 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
 
     f = build_index(DATASET, "float-test", None, "synth-float-ivf", index_type="ivf-flat", settings=cfg)
     assert f["index_type"] == ix.IVF_FLAT and f["recall_at_10"] >= 0.95, f
-    assert ix.read_build(store, "synth-float-ivf", 1)["trained"] is not None
+    assert ix.read_build(store, "synth-float-ivf", 1).trained is not None
     assert store.head(ix.version_key("synth-float-ivf", 1, ix.TRAINED_FILE)) is not None
     write_parts(store, {"float-test": coders["float-test"]}, range(8, 9))
     r = refresh_index("synth-float-ivf", settings=cfg)  # IVF: new rows go into the trained lists
@@ -225,7 +225,7 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
     write_parts(store, {"float-test": coders["float-test"]}, range(0, 1), seed=3)
     rb = refresh_index("synth-float-ivf", settings=cfg)
     assert (rb["status"], rb["version"], rb["n"], rb["based_on"]) == ("published", 3, 2700, None)
-    assert ix.read_build(store, "synth-float-ivf", 3)["mode"] == "build"
+    assert ix.read_build(store, "synth-float-ivf", 3).mode == "build"
 
     with pytest.raises(ix.IndexBudgetError, match="raise --memory-budget or use a shorter code"):
         build_index(DATASET, "pq-test", 32, "synth-pq-small", memory_budget="10KB", settings=cfg)
@@ -333,12 +333,12 @@ def test_ivf_pq_from_a_factory_string_is_tuned_published_and_searched_memory_map
                     shards_per_task=3, settings=cfg)
     assert (s["status"], s["index_type"], s["n"]) == ("published", ix.IVF_PQ, 2400) and s["recall_at_10"] >= 0.9
     b = ix.read_build(store, "synth-ivfpq", 1)
-    assert b["plan"]["factory"] == "IVF32,PQ4x8" and b["index_type_requested"] == "IVF32,PQ4x8"
-    assert b["plan"]["nprobe"] == b["eval"]["tuning"]["value"] == b["eval"]["nprobe"] and b["recall_target"] == 0.9
-    assert b["eval"]["queries"] <= ix.QUERIES
+    assert b.plan["factory"] == "IVF32,PQ4x8" and b.index_type_requested == "IVF32,PQ4x8"
+    assert b.plan["nprobe"] == b.eval["tuning"]["value"] == b.eval["nprobe"] and b.recall_target == 0.9
+    assert b.eval["queries"] <= ix.QUERIES
     mm = Searcher(store, "synth-ivfpq", cache_dir=str(tmp_path / "cache"))
     lv = mm.current()
-    assert lv.ci.index.nprobe == b["plan"]["nprobe"]
+    assert lv.ci.index.nprobe == b.plan["nprobe"]
     assert (tmp_path / "cache" / "synth-ivfpq" / "v000001" / ix.INDEX_FILE).exists()
     exhaustive = mm.search(queries, k=10, nprobe=32, with_metadata=False)
     ref = Searcher(store, "synth-pq-flat").search(queries, k=10, with_metadata=False)
