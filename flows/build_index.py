@@ -25,7 +25,7 @@ from infra.registry import load_coder
 from infra.devices import use_device
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from infra.store import PreconditionFailed, Store, open_store
+from infra.store import PreconditionFailed, Store, shared_store
 from tasks.index import count_rows, evaluate_version, index_batch, merge_index, train_index
 
 COUNT_SHARDS_PER_TASK = 64
@@ -64,7 +64,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     layout.check_names(dataset=dataset, coder=coder_id)  # the index name once its default is known, below
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
-    store = open_store(cfg)
+    store = shared_store(cfg)
     log = get_run_logger()
     budget = ix.parse_bytes(memory_budget)
     coder, card = load_coder(store, coder_id)

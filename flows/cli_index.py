@@ -41,13 +41,12 @@ def cmd_search(args) -> int:
     from infra import layout
     from infra.search import Searcher, query_feature
     from infra.settings import Settings
-    from infra.store import open_store
 
     layout.check_name("index", args.name)
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     cfg = Settings.load(**overrides(args))
-    store = open_store(cfg).require_existing()
+    store = existing_store(args)
     searcher = Searcher(store, args.name, poll_seconds=0, cache_dir=args.cache_dir)
     if args.id is not None:
         res = searcher.search_by_id(args.id, args.k, nprobe=args.nprobe)

@@ -26,7 +26,7 @@ from infra.planner import select_shards
 from infra.registry import load_coder
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 
 
 @flow(name="refresh-index", flow_run_name="refresh {name}", log_prints=True, task_runner=SettingsTaskRunner())
@@ -40,7 +40,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
     layout.check_name("index", name)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
-    store = open_store(cfg)
+    store = shared_store(cfg)
     log = get_run_logger()
     staged: list[str] = []
     for attempt in range(1, max_attempts + 1):

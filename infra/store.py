@@ -25,6 +25,8 @@ Modules: `infra/store_base.py` (the Store interface, errors), `infra/store_local
 """
 from __future__ import annotations
 
+import threading
+
 from infra.redact import refuse_credentials_in_uri
 from infra.settings import Settings
 from infra.store_base import (NotFound, ObjectInfo, PreconditionFailed, Store, StoreError, StoreUnavailable,
@@ -33,12 +35,12 @@ from infra.store_local import LocalStore
 from infra.store_s3 import S3Store
 
 __all__ = ["NotFound", "ObjectInfo", "PreconditionFailed", "Store", "StoreError", "StoreUnavailable",
-           "clean_error", "LocalStore", "S3Store", "open_store"]
+           "clean_error", "LocalStore", "S3Store", "open_store", "shared_store"]
 
 
 def open_store(settings: Settings | None = None, uri: str | None = None) -> Store:
-    """The store named by `uri` (default: settings.store). Cheap: no network call is made. A URI
-    carrying credentials is refused (ValueError, secret masked)."""
+    """A new Store object for `uri` (default: settings.store); flows and tasks use `shared_store`.
+    No network call is made. A URI carrying credentials is refused (ValueError, secret masked)."""
     settings = settings or Settings.load()
     uri = uri or settings.store
     refuse_credentials_in_uri(uri, "store URI")
@@ -47,3 +49,21 @@ def open_store(settings: Settings | None = None, uri: str | None = None) -> Stor
     if uri.startswith("s3://"):
         return S3Store(uri, settings)
     raise StoreError(f"unsupported store URI {uri!r}: use file:///path or s3://bucket/prefix")
+
+
+_SHARED: dict[tuple, Store] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_store(settings: Settings, uri: str | None = None) -> Store:
+    """The store named by `uri` (default: settings.store), one object per process and location: flows
+    and tasks get their store here. Creating an S3 client costs a fraction of a second and clients
+    are thread-safe, so the tasks of a run (and of later runs in a worker) share it. A URI carrying
+    credentials is refused on every call (ValueError, secret masked)."""
+    uri = uri or settings.store
+    refuse_credentials_in_uri(uri, "store URI")
+    key = (uri, settings.s3_endpoint, settings.s3_region, settings.s3_retries, settings.store_breaker)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = open_store(settings, uri=uri)
+        return _SHARED[key]

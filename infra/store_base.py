@@ -1,5 +1,5 @@
 """The Store interface (whole objects, conditional writes, local files, streaming) and its errors;
-backends: `infra/store_local.py`, `infra/store_s3.py`; get one with `infra.store.open_store`."""
+backends: `infra/store_local.py`, `infra/store_s3.py`; get one with `infra.store.shared_store`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ class ObjectInfo:
     etag: str
 
 class Store:
-    """Base class; use `open_store(settings)`. Subclasses: LocalStore, S3Store.
+    """Base class; use `shared_store(settings)`. Subclasses: LocalStore, S3Store.
 
     Every read and write is counted in `infra.store_counts.ACCESS` (per process)."""
 

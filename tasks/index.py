@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import threading
 import time
 from typing import Any
 
@@ -28,26 +27,13 @@ from infra.planner import ShardRef
 from infra.registry import load_coder
 from infra.settings import Settings
 from infra.shards import ShardInvalid, codes_matrix, features_matrix, open_parquet, validate_codes
-from infra.store import Store, StoreError, open_store
+from infra.store import Store, StoreError, shared_store
 from tasks.stage import is_store_error, logger
 
 INDEX_CODE_VERSION = "index-1"  # part of every staging digest: bump when partials change meaning
 TRAIN_ROWS_PER_LIST = 64        # coarse-quantizer training sample: 64 rows per list, at most 262144
 MAX_TRAIN_ROWS = 262_144
 MAX_EVAL_PARTS = 4              # ADC evaluation reads the features of at most this many shards
-
-_STORES: dict[tuple, Store] = {}
-_STORES_LOCK = threading.Lock()
-
-
-def _store(settings: Settings) -> Store:
-    """One store per process and location: an S3 client costs ~0.2 s to create and is thread-safe,
-    so the tasks of a run (and of later runs in a worker) share it."""
-    key = (settings.store, settings.s3_endpoint, settings.s3_region, settings.s3_retries)
-    with _STORES_LOCK:
-        if key not in _STORES:
-            _STORES[key] = open_store(settings)
-        return _STORES[key]
 
 
 def read_code_shard(store: Store, ref: ShardRef, nbytes: int,
@@ -89,7 +75,7 @@ def split_mask(store: Store, ref: ShardRef, ids: np.ndarray, split: str) -> np.n
 def count_rows(settings: Settings, refs: list[ShardRef]) -> list[int]:
     """Rows of each shard from its Parquet footer (one small range read per shard; 0 if unreadable:
     the batch task records why)."""
-    store = _store(settings)
+    store = shared_store(settings)
     out = []
     for ref in refs:
         try:
@@ -107,7 +93,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     up to 64 rows per list) and stage the empty trained index. Skipped when already staged.
     Memory: the sample (<= 262144 rows) plus the k-means state."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     want = min(MAX_TRAIN_ROWS, max(p.nlist * TRAIN_ROWS_PER_LIST, p.nlist * 39))
@@ -159,7 +145,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     so a rerun after a kill reuses a staged batch instead of reading its shards again.
     Memory ~ 3 × the batch's codes (the codes, the partial index, its serialised bytes)."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     digest = ix.digest_of({"format": ix.FORMAT, "code": INDEX_CODE_VERSION, "type": p.index_type,
@@ -215,7 +201,7 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     and ids.parquet (build.json comes from `evaluate_version`). Peak memory ~ 2 × the final index
     (the index and its serialised bytes) + one partial. Returns the version and counts."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, _ = load_coder(store, coder_id)
     t0 = time.perf_counter()
@@ -270,7 +256,7 @@ def evaluate_version(settings: Settings, name: str, version: int, build_json: di
     IndexBuildError (the flow discards the version). ADC queries need stored features: at most 4
     features shards are read."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     t0 = time.perf_counter()
     build = ix.BuildRecord.from_json(build_json)
     ci, _ = ix.load_version(store, name, version, build)
