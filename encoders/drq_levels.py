@@ -3,7 +3,7 @@
 DRQ's recurrent quantiser draws every level from one shared codebook C, scaled by a learned scalar
 s_m. The ablation gives level m its own codebook C_m (K x D), initialised as plain residual
 quantisation does (k-means of the embeddings, then k-means of each level's residuals), and trains it
-by the same staged losses, learning rates and prefix loss (encoders/drq.py), so a table row isolates
+by the same staged losses, learning rates and prefix loss (encoders/drq_train.py), so a table row isolates
 what sharing the codebook contributes (BENCHMARKS.md, "The seed papers' claims"). Codes, prefixes and
 the l2/ip/cos scores are those of DRQ; the one-table-per-query lookup needs the shared codebook, so
 scores here always go through reconstructions. Model: levels * K * D codebook floats instead of K * D.
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.drq import DRQConfig, DRQNet, _kmeans
+from encoders.drq_model import DRQConfig, DRQNet
+from encoders.drq_train import _kmeans
 
 
 class PerLevelDRQNet(DRQNet):
