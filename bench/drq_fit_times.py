@@ -4,7 +4,8 @@
 
 Fits, in one process with one torch thread, on the `train` rows of the seen-protocol features
 (bench/features_cache.py): the 64-bit DRQ model (8 levels; its prefixes are the 8-56-bit codes) and
-a model per length for 8, 16 and 32 bits (the 64-bit per-length model is the one model itself).
+a model per length for 8, 16 and 32 bits (the 64-bit per-length model is the one model itself); and
+the 64-bit model with per-level codebooks (the ablation of encoders/drq_levels.py).
 Prints wall and CPU seconds per fit (CPU seconds of this process: what a busy machine changes least)
 and the per-length total against the one model. Quality of the same models: bench/science_table.py
 --rows drq,drq-per-length.
@@ -51,6 +52,10 @@ def main() -> int:
         print(f"| model for {bits} bits{' (the one model: every length)' if bits == 64 else ''} | {w:.0f} | {cpu:.0f} |")
     print(f"| a model per length (8, 16, 32, 64) | {tot_w:.0f} | {tot_c:.0f} |")
     print(f"| per length / one model | {tot_w / one_w:.2f}x | {tot_c / one_c:.2f}x |")
+    c = make_coder("drq", bits=64, seed=a.seed, codebooks="per-level")
+    w0, c0 = time.perf_counter(), time.process_time()
+    c.fit(x, y)
+    print(f"| per-level codebooks, 64 bits | {time.perf_counter() - w0:.0f} | {time.process_time() - c0:.0f} |")
     return 0
 
 
