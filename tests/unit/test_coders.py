@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from encoders.coders import make_coder
+from tests.synthetic import blob_centres, blobs
 
 
 @pytest.mark.parametrize("method", ["drq", "llc", "gsl"])
@@ -22,9 +23,7 @@ def fitted():
     from encoders.coders import CODERS, _import_all
 
     _import_all()
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(4), 128)
-    x = (rng.standard_normal((4, 16))[y] + 0.3 * rng.standard_normal((512, 16))).astype(np.float32)
+    x, y = blobs(blob_centres(4, 16, 3.0), 128, seed=0, shuffle=True)
     out = {}
     for method in sorted(CODERS):
         kw = {} if method == "float" else {"bits": 8}
