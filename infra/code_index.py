@@ -309,7 +309,7 @@ def _strip_norms(index: Any, raw: np.ndarray, nbytes: int) -> np.ndarray:
     """faiss flat codes -> the stored codes (first `nbytes` bytes; the bits after the last level,
     where rq-lut keeps its norm, cleared)."""
     out = raw[:, :nbytes]
-    rq = getattr(index, "rq", None)
+    rq = index.rq if isinstance(index, (faiss.IndexResidualQuantizer, faiss.IndexIVFResidualQuantizer)) else None
     if rq is None or rq.search_type == faiss.AdditiveQuantizer.ST_LUT_nonorm:
         return out
     used = rq.M * rq.nbits.at(0) - 8 * (nbytes - 1)
@@ -359,7 +359,7 @@ def configure_search(ci: CodeIndex) -> None:
     """Search-time parameters from the plan (nprobe, efSearch)."""
     if ci.plan.index_type in IVF_TYPES:
         ci.index.nprobe = ci.plan.nprobe
-    elif ci.plan.index_type == HNSW and hasattr(ci.index, "hnsw"):  # hnsw partials are flat
+    elif ci.plan.index_type == HNSW and isinstance(ci.index, faiss.IndexHNSW):  # hnsw partials are flat
         ci.index.hnsw.efSearch = ci.plan.ef_search or HNSW_EF_SEARCH
 
 

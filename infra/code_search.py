@@ -59,11 +59,11 @@ def search_prepared(ci: CodeIndex, coder: Coder, q: np.ndarray, k: int, exhausti
                     ci.index.nprobe = old
         else:
             d, i = ci.index.search(q, k, params=params)
-    elif nprobe and t == HNSW and hasattr(ci.index, "hnsw"):
+    elif nprobe and t == HNSW and isinstance(ci.index, faiss.IndexHNSW):
         d, i = ci.index.search(q, k, params=faiss.SearchParametersHNSW(efSearch=int(nprobe)))
     else:
         d, i = ci.index.search(q, k)
-    ip = getattr(ci.index, "metric_type", None) == faiss.METRIC_INNER_PRODUCT
+    ip = isinstance(ci.index, faiss.Index) and ci.index.metric_type == faiss.METRIC_INNER_PRODUCT
     scores = d.astype(np.float32) if ip else -d.astype(np.float32)
     i = i.astype(np.int64)
     scores[i < 0] = -np.inf
