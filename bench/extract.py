@@ -360,19 +360,18 @@ def profile_one_shard(c: dict, dataset: str, ref, pixels, backbone, bs: int, mod
     # torch threads and memory format: forward only, same pixels, interleaved.
     import copy
 
-    nhwc = copy.deepcopy(backbone.module).to(memory_format=torch.channels_last)
+    nchw = copy.deepcopy(backbone.module).to(memory_format=torch.contiguous_format)  # loaded: channels_last
 
     def fwd(threads: int, channels_last: bool = False):
-        module = nhwc if channels_last else backbone.module
+        module = backbone.module if channels_last else nchw
 
         def run():
             torch.set_num_threads(threads)
             with torch.inference_mode():
                 for i in range(0, len(pixels), bs):
                     x = backbone.preprocess(pixels[i:i + bs]).to(args.device)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    module(x)
+                    module(x.contiguous(memory_format=torch.channels_last if channels_last else
+                                        torch.contiguous_format))
         return run
 
     ncpu = os.cpu_count() or 1

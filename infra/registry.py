@@ -181,7 +181,9 @@ def _build_backbone(store: Store, card: dict[str, Any], device: str):
     if isinstance(bb.module, torch.nn.Module):
         if checksum != "package":
             bb.module.load_state_dict(_load(store.read_bytes(layout.model_prefix(model_id) + "model.pt")))
-        bb.module.to(device).eval()
+        # channels_last conv weights: oneDNN's faster NHWC kernels on CPU
+        # (BENCHMARKS.md section 1); loaded modules only run inference, so their state is never saved
+        bb.module.to(device, memory_format=torch.channels_last).eval()
     return bb
 
 

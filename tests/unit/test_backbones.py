@@ -37,14 +37,15 @@ def test_features_equal_embedding_and_head_is_separate():
 
 @pytest.mark.parametrize("arch", ["small-cnn", "wide-cnn"])
 def test_channels_last_embedding_equals_the_nchw_forward(arch):
-    """embed_pixels runs the forward on channels_last inputs (the faster oneDNN layout): its output
-    equals the plain NCHW forward within float rounding, batched or not."""
+    """A channels_last module (the faster oneDNN layout) under embed_pixels gives the plain NCHW
+    forward's output within float rounding, batched or not."""
     torch.manual_seed(0)
     bb = B.build_backbone(arch)
     bb.module.eval()
     px = np.random.default_rng(1).integers(0, 256, (37, 28, 28), dtype=np.uint8)
     with torch.no_grad():
         nchw = bb.module(B.grey_preprocess(px).contiguous()).numpy()
+    bb.module.to(memory_format=torch.channels_last)  # as infra.registry loads it
     for bs in (37, 8):
         np.testing.assert_allclose(B.embed_pixels(bb.module, bb.preprocess, px, bs), nchw, rtol=1e-5, atol=1e-5)
     assert B.channels_last(B.grey_preprocess(px)).is_contiguous(memory_format=torch.channels_last)

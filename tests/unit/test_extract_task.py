@@ -2,6 +2,7 @@
 plain NCHW forward, JPEG/RGB shards of varying sizes, a bad JPEG's quarantine, the cuda fallback."""
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import threading
@@ -89,10 +90,12 @@ def extract_all(settings, dataset: str, model_id: str) -> list[dict]:
 
 
 def plain_forward(store, model_id: str, x: torch.Tensor) -> np.ndarray:
-    """The forward as extract-1 ran it: NCHW input, no channels_last."""
+    """The forward as extract-1 ran it: NCHW weights and input (the loaded module is channels_last)."""
     bb, _ = load_backbone(store, model_id)
+    nchw = copy.deepcopy(bb.module).to(memory_format=torch.contiguous_format)
+    assert not nchw.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        return bb.module(x.contiguous()).numpy()
+        return nchw(x.contiguous()).numpy()
 
 
 def test_grey_png_features_equal_the_plain_nchw_forward(local_settings):
@@ -106,6 +109,8 @@ def test_grey_png_features_equal_the_plain_nchw_forward(local_settings):
     register_cnn(store, "cnn1", 1)
     [o] = extract_all(settings, "grey", "cnn1")
     assert (o["status"], o["rows"]) == ("done", 30)
+    loaded, _ = load_backbone(store, "cnn1")
+    assert loaded.module.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     ft = read_table(store, layout.features_key("grey", "cnn1", 0))
     np.testing.assert_array_equal(ft.column("id").to_numpy(), np.arange(30))
     np.testing.assert_allclose(features_matrix(ft), plain_forward(store, "cnn1", grey_preprocess(px)),
