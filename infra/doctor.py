@@ -93,9 +93,9 @@ def _store(settings: Settings) -> list[Check]:
         counts = ", ".join(f"{len(catalog.list_kind(store, k))} {k}" for k in catalog.KINDS)
         return [Check("store", True, status), Check("holds", True, counts)]
     except (StoreError, ValueError, OSError) as e:
-        from infra.store import _clean
+        from infra.store import clean_error
 
-        return [Check("store", False, _clean(e))]
+        return [Check("store", False, clean_error(e))]
 
 
 def _prefect() -> Check:

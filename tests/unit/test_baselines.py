@@ -1,4 +1,5 @@
-"""encoders/baselines.py: mechanics of the training-free coders on synthetic data (shapes, bytes,
+"""encoders/baselines.py (sign_coders, pq_coders, float_coder, faiss_codes): mechanics of the
+training-free coders on synthetic data (shapes, bytes,
 determinism, state round trip, exact ADC, faiss binary layout) and one quality ordering (ITQ >= LSH)."""
 from __future__ import annotations
 

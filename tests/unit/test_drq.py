@@ -1,4 +1,4 @@
-"""encoders/drq.py: one DRQ model gives every code length as an exact prefix; encoding is
+"""encoders/drq.py, drq_model.py, drq_train.py: one DRQ model gives every code length as an exact prefix; encoding is
 deterministic and survives a state round trip bit for bit; ADC scores equal brute-force scores of
 the reconstructions (and faiss's residual-quantizer LUT search on the same bytes); bad lengths fail
 loudly. Tiny synthetic data, a few seconds in all."""

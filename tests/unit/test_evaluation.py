@@ -7,7 +7,8 @@ import torch
 
 from encoders.coders import CODERS, Coder, FitReport, register
 from encoders.evaluation import VARIANTS, Split, evaluate_variant, ood_report
-from encoders.llc import LLCCoder, LLCConfig, pack_signs
+from encoders.llc import LLCCoder, LLCConfig
+from encoders.llc_model import pack_signs
 from encoders.metrics import hamming_scores
 from encoders.ood import auroc, fpr_at_tpr
 

@@ -1,4 +1,4 @@
-"""encoders/llc.py: straight-through class codes, phase order, Hamming search, OOD flag, state."""
+"""encoders/llc.py, llc_model.py, llc_train.py: straight-through class codes, phase order, Hamming search, OOD flag, state."""
 import io
 
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from encoders.coders import coder_from_state, make_coder
-from encoders.llc import (LLCCoder, LLCConfig, SignSTE, Trunk, decoding_radius, min_pairwise_hamming,
-                          pack_signs, sign_ste, train_instance_codes, unpack_bits)
+from encoders.llc import LLCCoder, LLCConfig
+from encoders.llc_model import SignSTE, Trunk, decoding_radius, min_pairwise_hamming, pack_signs, sign_ste, unpack_bits
+from encoders.llc_train import train_instance_codes
 
 
 def blobs(n_per=100, n_classes=4, d=10, seed=0):
@@ -42,7 +43,7 @@ def test_sign_ste_forward_is_sign_and_gradient_passes_through():
 
 
 def test_class_code_layer_uses_signed_weights():
-    from encoders.llc import ClassCodeLayer
+    from encoders.llc_model import ClassCodeLayer
     layer = ClassCodeLayer(5, 3)
     z = torch.randn(4, 5, requires_grad=True)
     logits = layer(z)
@@ -87,7 +88,7 @@ def test_packing_is_faiss_layout():
 
 
 def test_spread_codebook_initialisation_has_distinct_codes():
-    from encoders.llc import ClassCodeLayer, spread_codebook
+    from encoders.llc_model import ClassCodeLayer, spread_codebook
     cb = spread_codebook(10, 6, torch.Generator().manual_seed(0))
     assert min_pairwise_hamming(cb.numpy()) >= 2  # 10 codes in 6 bits: 2 is the best possible
     layer = ClassCodeLayer(6, 10, torch.Generator().manual_seed(0))
