@@ -178,3 +178,18 @@ def test_torch_threads_are_set_for_the_block_and_restored(monkeypatch):
         t.join()
     assert seen["n"] == target and torch.get_num_threads() == before
     assert devices.shard_threads(10_000) == 1
+
+
+def test_an_image_query_embeds_like_the_stored_row(local_settings):
+    """`codeshard search --image` (infra.search.query_feature) decodes a JPEG the way the extract
+    task does (RGB, resized): its feature equals that image's stored features row."""
+    from infra.search import query_feature
+
+    store = open_store(local_settings)
+    rng = np.random.default_rng(3)
+    blobs = [jpeg(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), (90 + 10 * i, 60)) for i in range(4)]
+    write_raw(store, "q", 0, blobs)
+    register_cnn(store, "cnn3", 3)
+    extract_all(local_settings, "q", "cnn3")
+    stored = features_matrix(read_table(store, layout.features_key("q", "cnn3", 0)))
+    np.testing.assert_allclose(query_feature(store, "cnn3", image=blobs[2])[0], stored[2], rtol=1e-5, atol=1e-6)
