@@ -39,7 +39,7 @@ def grey_preprocess(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """A 4-D image batch in channels_last memory format (oneDNN's fast convolution layout on CPU;
-    same values, rounding within ~1e-7 of NCHW); other tensors unchanged. Copies once when needed."""
+    the same values as NCHW up to float rounding); other tensors unchanged. Copies once when needed."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 

@@ -1,7 +1,9 @@
 """Where the heavy math runs: `resolve_device('cuda')` gives 'cuda' when torch sees a GPU and faiss
-was built with GPU support (faiss-gpu), else 'cpu' with one logged line saying why and how to get
-the GPU build (`make install GPU=1`). faiss on the GPU: k-means (coarse quantizers, PQ training)
-and brute-force search; torch on the GPU: extraction and coder training (callers move modules).
+was built with GPU support (faiss-gpu), else 'cpu' with one logged line per process saying why and
+how to get the GPU build (`make install GPU=1`); `faiss_too=False` asks only about torch (extraction).
+faiss on the GPU here: k-means (`kmeans_centroids`, the index build's coarse quantizers) and
+brute-force search (`exact_search`). Also how many torch threads a shard task gets
+(`shard_threads`, `torch_threads`, `set_torch_threads`).
 """
 from __future__ import annotations
 

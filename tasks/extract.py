@@ -23,7 +23,7 @@ from tasks.caching import ShardCache, ShardTarget
 from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_batch, run_shard_stage
 
 T, R = TypeVar("T"), TypeVar("R")
-EXTRACT_VERSION = "extract-2"  # 2: channels_last forward (features within ~1e-7 of extract-1), RGB decode
+EXTRACT_VERSION = "extract-2"  # 2: channels_last forward (extract-1 features up to float rounding), RGB decode
 
 
 def code_version(card: dict[str, Any]) -> str:
