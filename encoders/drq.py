@@ -90,6 +90,10 @@ class DRQCoder(Coder):
             s = net.scales(levels).detach().cpu().numpy().astype(np.float32).reshape(-1)
         return np.stack([s[m] * cb for m in range(levels)]), self.config.bits_per_level, self.config.score
 
+    def query_space(self, queries: np.ndarray) -> np.ndarray:
+        """Queries in the space of the additive codebooks: their embeddings (`embed`)."""
+        return self.embed(queries)
+
     def prefix_codes(self, codes: np.ndarray, bits: int) -> np.ndarray:
         """First `bits` bits of full codes; for K < 256 a length that ends inside a byte keeps that byte
         with its unused high bits cleared, so equal prefixes give equal bytes."""

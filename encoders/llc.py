@@ -205,6 +205,11 @@ class LLCCoder(Coder):
         idx, dist = nearest_class(np.where(logits >= 0, 1.0, -1.0), self.codebook, soft=logits)
         return self.classes[idx], dist
 
+    def class_columns(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded class (int32) and the OOD flag of each row, stored beside its code."""
+        cls, _ = self.predict_class(x)
+        return cls.astype(np.int32), self.ood_flag(x)
+
     def ood_flag(self, x: np.ndarray) -> np.ndarray:
         """True where the instance code is farther than the decoding radius from every class
         code (radius 0 = matches no class code). No threshold is fitted on any data."""

@@ -125,6 +125,14 @@ class _AdcCoder(Coder):
         inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
         return inner.pq
 
+    def product_quantizer(self) -> faiss.ProductQuantizer:
+        """The trained ProductQuantizer (the `Coder` capability indexes use)."""
+        return self.pq
+
+    def query_space(self, queries: np.ndarray) -> np.ndarray:
+        """Queries in the PQ's space (`to_pq_space`)."""
+        return self.to_pq_space(queries)
+
     def to_pq_space(self, x: np.ndarray) -> np.ndarray:
         """(n, D) features -> (n, D') float32 in the PQ's space (OPQ rotation / zero padding)."""
         index = self._fitted()

@@ -104,6 +104,14 @@ class _SignCoder(Coder):
     def _fit_transforms(self, x: np.ndarray) -> list[faiss.VectorTransform]:
         raise NotImplementedError
 
+    def _bits_within(self, d: int) -> int:
+        """`bits`, refused when above the feature dimension (PCA-based coders project to <= D dims)."""
+        bits = self.config.bits
+        if bits > d:
+            raise ValueError(f"{self.method}: bits={bits} exceeds the feature dimension D={d}; use lsh for "
+                             f"codes longer than D")
+        return bits
+
     def fit(self, train: np.ndarray, labels: np.ndarray,
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:
         """Fit on `train` (n, D); `labels` and `val` are ignored (unsupervised, no selection)."""
@@ -175,10 +183,7 @@ class PcaRrCoder(_SignCoder):
     config: PcaRrConfig
 
     def _fit_transforms(self, x: np.ndarray) -> list[faiss.VectorTransform]:
-        d, bits = x.shape[1], self.config.bits
-        if bits > d:
-            raise ValueError(f"pca-rr: bits={bits} exceeds the feature dimension D={d}; use lsh for "
-                             f"codes longer than D")
+        d, bits = x.shape[1], self._bits_within(x.shape[1])
         pca = faiss.PCAMatrix(d, bits, 0.0, False)
         pca.train(x)
         rot = faiss.RandomRotationMatrix(bits, bits)
@@ -194,10 +199,7 @@ class ItqCoder(_SignCoder):
     config: ItqConfig
 
     def _fit_transforms(self, x: np.ndarray) -> list[faiss.VectorTransform]:
-        d, bits = x.shape[1], self.config.bits
-        if bits > d:
-            raise ValueError(f"itq: bits={bits} exceeds the feature dimension D={d}; use lsh for "
-                             f"codes longer than D")
+        d, bits = x.shape[1], self._bits_within(x.shape[1])
         itq = faiss.ITQTransform(d, bits, True)
         itq.itq.seed = self.config.seed
         itq.itq.max_iter = self.config.iters

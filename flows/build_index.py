@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from encoders.coders import Coder
 from flows.limits import ensure_heavy_limit
 from infra import indexes as ix
 from infra import layout
@@ -31,7 +32,7 @@ from tasks.index import count_rows, evaluate_version, index_batch, merge_index, 
 COUNT_SHARDS_PER_TASK = 64
 
 
-def resolve_bits(coder: Any, bits: int | None) -> int:
+def resolve_bits(coder: Coder, bits: int | None) -> int:
     """`bits` if the coder produces that length; its full length when None (or 0)."""
     if not bits:
         return int(coder.full_bits)
@@ -124,7 +125,7 @@ def run_build(cfg: Settings, store: Store, plan: ix.IndexPlan, batches: list[lis
         tr = train_index.submit(cfg, name, coder_id, bits, pd, [r for b in batches for r in b],
                                 device=asked.device).result()
         trained, train_s = {"key": tr["key"], "checksum": tr["checksum"]}, tr["seconds"]
-        staged.append(tr["key"].rsplit("/", 1)[0] + "/")
+        staged.append(layout.folder_of(tr["key"]))
     t_add = time.perf_counter()
     futures = [index_batch.submit(cfg, name, coder_id, bits, pd, b, trained, asked.exclude_split)
                for b in batches]

@@ -47,7 +47,9 @@ def _faiss() -> Check:
     try:
         import faiss
 
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        from infra.devices import faiss_gpus
+
+        gpus = faiss_gpus()
         return Check("faiss", True, f"faiss {faiss.__version__}, {gpus} GPU(s) visible to faiss")
     except Exception as e:  # noqa: BLE001
         return Check("faiss", False, f"{type(e).__name__}: {e}")

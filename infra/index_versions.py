@@ -1,6 +1,6 @@
 """Index versions in the store: claim, write, complete (build.json), load, publish (CURRENT).
 
-Store layout of one index (prefixes from infra.layout; file names here):
+Store layout of one index (keys and file names from infra/layout.py):
     indexes/<name>/v000007/_claim.json   conditional create (If-None-Match): one writer per version
     indexes/<name>/v000007/index.faiss   faiss.serialize_index / serialize_index_binary bytes
     indexes/<name>/v000007/ids.parquet   position -> id int64, part int32 (the code shard it came from)
@@ -33,12 +33,11 @@ from infra.store import NotFound, PreconditionFailed, Store
 
 FORMAT = 1  # of build.json / partial stats; bump when the partial format changes (it keys staging)
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-BUILD_FILE = "build.json"
-TRAINED_FILE = "trained.faiss"
-CLAIM_FILE = "_claim.json"
-STATS_FILE = "stats.json"
+# file names and keys are infra/layout.py's; named here too for the callers of infra.indexes
+INDEX_FILE, IDS_FILE, BUILD_FILE = layout.INDEX_FILE, layout.IDS_FILE, layout.BUILD_FILE
+TRAINED_FILE, CLAIM_FILE, STATS_FILE = layout.TRAINED_FILE, layout.CLAIM_FILE, layout.STATS_FILE
+version_key = layout.index_version_key
+staging_key_prefix = layout.index_staging_prefix
 
 
 @dataclass
@@ -114,15 +113,6 @@ class BuildRecord:
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (ru_maxrss; shared by concurrent threads)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def version_key(name: str, version: int, filename: str) -> str:
-    return layout.index_version_prefix(name, version) + filename
-
-
-def staging_key_prefix(name: str, digest: str) -> str:
-    """Store key prefix of one staged batch (or trained quantizer) of index `name`."""
-    return f"{layout.index_prefix(name)}_staging/{digest}/"
 
 
 def digest_of(obj: Any) -> str:

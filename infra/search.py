@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from encoders.coders import Coder
 from infra import indexes as ix
 from infra import layout
 from infra.registry import load_coder
@@ -39,7 +40,7 @@ class LoadedVersion:
     version: int
     ci: ix.CodeIndex
     build: ix.BuildRecord
-    coder: Any
+    coder: Coder
     id_order: np.ndarray = field(repr=False, default=None)  # argsort of ci.ids
 
     def position_of(self, item_id: int) -> int:

@@ -52,7 +52,7 @@ class S3Store(Store):
         try:
             r = self._call_once(what, key, fn, **kw)
         except StoreError as e:
-            if getattr(e, "transport", False):
+            if e.transport:
                 self.breaker.failed()
             else:
                 self.breaker.succeeded()

@@ -5,7 +5,6 @@ import hashlib
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.tasks import exponential_backoff
@@ -152,10 +151,10 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
         dt = time.perf_counter() - t0
         out = codes_table(table.column("id").to_numpy(), codes)
         stats = {"encode_us_per_item": 1e6 * dt / max(1, len(x)), "bytes_per_item": int(codes.shape[1])}
-        if hasattr(coder, "ood_flag"):  # LLC: the decoded class and the OOD flag ride beside the code
-            cls, _ = coder.predict_class(x)
-            flag = coder.ood_flag(x)
-            out = out.append_column("class", pa.array(cls.astype(np.int32))).append_column("ood", pa.array(flag))
+        classes = coder.class_columns(x)
+        if classes is not None:  # LLC: the decoded class and the OOD flag ride beside the code
+            cls, flag = classes
+            out = out.append_column("class", pa.array(cls)).append_column("ood", pa.array(flag))
             stats["ood_rows"] = int(flag.sum())
         return out, stats
 

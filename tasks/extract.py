@@ -102,7 +102,7 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
         if not np.isfinite(feats).all():
             raise ShardInvalid(ref.key, "model produced NaN/Inf features")
         # the id range lets the flow check ids across shards without reading them (check_ids_across_shards)
-        return features_table(ids, feats), {"dim": int(feats.shape[1]), "pid": os.getpid(),
+        return features_table(ids, feats), {"dim": int(feats.shape[1]),
                                             "id_min": int(ids.min()), "id_max": int(ids.max())}
 
     outcome = run_shard_stage(store, stage="extract", dataset=dataset, output_id=model_id, ref=ref,

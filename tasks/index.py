@@ -58,7 +58,7 @@ def split_mask(store: Store, ref: ShardRef, ids: np.ndarray, split: str) -> np.n
     """Rows of a codes shard whose raw row is not in `split`. Reads only the id and split columns
     of the raw shard with the same part number; None (keep all) when there is no such shard or no
     split column."""
-    dataset = ref.key.split("/")[1]
+    dataset = layout.dataset_of(ref.key)
     try:
         pf = open_parquet(store, layout.raw_key(dataset, ref.part))
         if "split" not in pf.schema_arrow.names:

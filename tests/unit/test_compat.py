@@ -11,13 +11,7 @@ from encoders import compat as C
 from encoders.backbones import SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 1 thread: deterministic and, on a shared loaded box, faster than OpenMP spinning on 2.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- prototypes
