@@ -121,7 +121,7 @@ def run_build(cfg: Settings, store: Store, name: str, coder_id: str, bits: int, 
     if plan.needs_training and trained is None:
         tr = train_index.submit(cfg, name, coder_id, bits, pd, [r for b in batches for r in b],
                                 device=meta.get("device", "cpu")).result()
-        trained, train_s = {"key": tr["key"], "checksum": tr["checksum"]}, tr["seconds"]
+        trained, train_s = {k: tr[k] for k in ("key", "checksum", "rows", "niter")}, tr["seconds"]
         staged.append(tr["key"].rsplit("/", 1)[0] + "/")
     t_add = time.perf_counter()
     futures = [index_batch.submit(cfg, name, coder_id, bits, pd, b, trained, meta.get("exclude_split"))

@@ -81,7 +81,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
             head = store.head(key)
             if head is None:
                 raise ix.IndexBuildError(f"{store.uri_of(key)} is missing: rebuild {name} with --force")
-            trained = {"key": key, "checksum": head.etag}
+            trained = {**(prev.get("trained") or {}), "key": key, "checksum": head.etag}  # rows, niter kept
         meta = {**{k: prev[k] for k in ("format", "name", "dataset", "coder_id", "coder_checksum", "method",
                                          "model_id", "bits", "memory_budget", "index_type_requested")},
                 "exclude_split": prev.get("exclude_split", "query"),  # kept: older builds left queries out
