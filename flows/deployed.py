@@ -72,6 +72,17 @@ def finished_parts(store, prefix: str, shards: str | None, summary: dict[str, An
     return [r.part for r in select_shards(store.list(prefix), parse_shard_ranges(shards)) if r.part not in bad]
 
 
+def parts_run_name(template: str) -> Callable[[], str]:
+    """A `flow_run_name` over the run's parameters that names `shards=None` as 'all' (a plain
+    template would print 'parts None')."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = dict(flow_run.parameters)
+        return template.format(**(params | {"shards": params.get("shards") or "all"}))
+    return name
+
+
 def _check(summary: dict[str, Any], what: str) -> None:
     if summary["failed"]:
         raise StageFailed(f"{what}: {len(summary['failed'])} shard(s) failed: "
@@ -101,7 +112,7 @@ def discover_shards(dataset: str, model_id: str, settings: dict[str, Any] | None
     return {"dataset": dataset, "model_id": model_id, "shards": spec, "count": len(refs)}
 
 
-@flow(name="extract-stage", flow_run_name="extract {dataset} parts {shards} with {model_id}",
+@flow(name="extract-stage", flow_run_name=parts_run_name("extract {dataset} parts {shards} with {model_id}"),
       timeout_seconds=4 * HOUR, **FAILURE_HOOKS)
 def extract_stage(dataset: str, model_id: str, shards: str | None = None, force: bool = False,
                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -119,7 +130,7 @@ def extract_stage(dataset: str, model_id: str, shards: str | None = None, force:
     return summary
 
 
-@flow(name="codes-stage", flow_run_name="encode {dataset} parts {shards} ({model_id} features)",
+@flow(name="codes-stage", flow_run_name=parts_run_name("encode {dataset} parts {shards} ({model_id} features)"),
       timeout_seconds=4 * HOUR, **FAILURE_HOOKS)
 def codes_stage(dataset: str, model_id: str, methods: dict[str, int] | None = None, shards: str | None = None,
                 force: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import anyio
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,3 +90,25 @@ def process_worker(home: Path, url: str, pool: str, **env_extra: str) -> Iterato
     finally:
         stop(proc)
         log.close()
+
+
+def artifacts_and_logs(flow_run_id, expect: str) -> tuple[list, list[str]]:
+    """The run's artifacts and its log messages, read back from the server once a message starting
+    with `expect` has arrived (run logs reach the API in batches; at most 20 s)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, LogFilter,
+                                                LogFilterFlowRunId)
+
+    async def read():
+        async with get_client() as c:
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            logs = await c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return arts, [entry.message for entry in logs]
+
+    deadline = time.monotonic() + 20
+    while True:
+        arts, logs = anyio.run(read)
+        if any(m.startswith(expect) for m in logs) or time.monotonic() > deadline:
+            return arts, logs
+        time.sleep(0.5)
