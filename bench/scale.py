@@ -8,9 +8,10 @@ Usage: PYTHONPATH=. python bench/scale.py --items 1000000 [--shard-rows 100000] 
 Stages: features (write features + raw shards) -> coder (fit a 64-bit PQ on a 65,536-row sample,
 register it) -> codes (the `encode` flow) -> index (the `build_index` flow: train the coarse
 quantizer on a sample, per-batch partials, merge, nprobe tuned to recall@10 >= 0.95 on a fixed
-query count, publish) -> bare (the same faiss work by hand, no flow: read every code shard, train on the same
-sample size and iterations, add, write the index file; the index stage's reference) -> search (Searcher on a memory-mapped local copy: recall@10 against the
-exhaustive scan of the same codes, ms/query one at a time).
+query count, publish) -> bare (the same faiss work by hand, no flow: read every code shard, train on
+the same sample size and iterations, add, write the index file: the index stage's reference; the
+last line is the ratio) -> search (Searcher on a memory-mapped local copy: recall@10 against the
+exhaustive scan of the same codes, ms/query one at a time). One Prefect server serves every stage.
 """
 from __future__ import annotations
 
