@@ -104,7 +104,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     """Train the coarse quantizer of an IVF plan on codes sampled from `refs` (random shards,
     `ix.ivf_train_rows(nlist)` rows, IVF_TRAIN_NITER k-means iterations) and stage the empty trained
     index. Skipped when already staged. Returns rows and niter (build.json 'trained').
-    Memory: the sample (<= IVF_TRAIN_MAX_ROWS rows) plus the k-means state."""
+    Memory: the sample (its codes and decoded floats) plus the k-means state."""
     log = logger()
     store = _store(settings)
     p = ix.IndexPlan.from_dict(plan)
