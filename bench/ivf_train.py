@@ -2,7 +2,8 @@
 
 Usage: PYTHONPATH=. python bench/ivf_train.py [--store file:///tmp/scale] [--coder pq-64-scale]
            [--configs 39x10,64x10,64x20,128x10] [--queries 1000] [--threads 2]
-       (the store must hold the codes: `bench/scale.py --items 1000000 --stages features,coder,codes`)
+       [--items 1000000]  (when the store holds no codes yet, `bench/scale.py --items N --stages
+       features,coder,codes` makes them first)
 
 For each config `PxI` (P sample rows per list, I k-means iterations) the IVF-PQ over all stored codes
 is trained (`infra.code_index.train_ivf`, timed), filled (`add_codes`) and searched with `--queries`
@@ -33,6 +34,7 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--target", type=float, default=0.95)
+    p.add_argument("--items", type=int, default=1_000_000, help="synthetic items when the codes must be made")
     a = p.parse_args()
     import faiss
     import pyarrow.parquet as pq
@@ -49,6 +51,11 @@ def main() -> int:
 
     faiss.omp_set_num_threads(a.threads)
     store = open_store(Settings.load(store=a.store))
+    if not select_shards(store.list(layout.codes_prefix(a.dataset, a.coder))):
+        import subprocess
+
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.py"),
+                        "--items", str(a.items), "--store", a.store, "--stages", "features,coder,codes"], check=True)
     coder, _ = load_coder(store, a.coder)
     keys = [r.key for r in select_shards(store.list(layout.codes_prefix(a.dataset, a.coder)))]
     codes = np.concatenate([codes_matrix(pq.read_table(io.BytesIO(store.read_bytes(k)), columns=["code"]))
