@@ -26,7 +26,7 @@ class Index:
     @property
     def model_id(self) -> str | None:
         """The encoder whose features this index's codes were made from (for raw-input queries)."""
-        return self._searcher.current().build.get("model_id")
+        return self._searcher.current().build.model_id
 
     def search(self, vectors: np.ndarray, k: int = 10) -> SearchResult:
         """Top-k for each row of `vectors` ((n, D) float32 features of this index's model)."""

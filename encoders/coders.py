@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,28 @@ class Coder(ABC):
         additive: score(q, code) = <embed(q), z_hat> (or -||embed(q) - z_hat||^2) with
         z_hat = sum_m codebooks[m][b_m]. None (the default) for any other coder: indexes then fall
         back to the coder's own scan."""
+        return None
+
+    # -- optional capabilities, declared here so callers never probe for them -------------------
+    def product_quantizer(self) -> "faiss.ProductQuantizer | None":
+        """The trained faiss ProductQuantizer whose codes this coder stores (pq, opq): indexes then
+        score them with faiss IndexPQ, queries mapped by `query_space`. None (the default) otherwise."""
+        return None
+
+    def query_space(self, queries: np.ndarray) -> np.ndarray:
+        """Float queries (nq, D) -> float32 vectors in the space the codes' quantizer lives in: the
+        PQ's space (OPQ rotation / zero padding) for `product_quantizer` coders, the embedding for
+        `additive_codebooks` coders. Default: the features unchanged. Cost: one projection."""
+        return np.ascontiguousarray(queries, dtype=np.float32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes -> (n, D) float32 feature vectors, for coders whose codes are vectors (float).
+        Default: NotImplementedError (the index plan never asks it of other coders)."""
+        raise NotImplementedError(f"{self.method}: codes do not decode to feature vectors")
+
+    def class_columns(self, x: np.ndarray) -> "tuple[np.ndarray, np.ndarray] | None":
+        """Per row of features `x`: the decoded class (int32) and the out-of-distribution flag (bool)
+        stored beside the code, for coders with class codes (LLC). None (the default) otherwise."""
         return None
 
     @abstractmethod

@@ -11,260 +11,31 @@ loss) are selected on val queries against the train gallery by bench/select_on_v
 and their val scores are in BENCHMARKS.md ("Selection on val") and in every coder card
 (encoders/selection.py). Earlier figures measured on the query split were withdrawn.
 
-Pure torch/numpy; faiss for the k-means initialisation (and encoders.metrics for val mAP); no I/O.
+The model and its config: `encoders/drq_model.py`; training: `encoders/drq_train.py`; this module is
+the coder (lengths, encode, scores, state). Pure torch/numpy; no I/O.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterator
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from encoders.coders import Coder, FitReport, register, require_classes
+from encoders.coders import Coder, FitReport, register
+from encoders.drq_model import DRQConfig, DRQNet, pack_levels, unpack_levels
+from encoders.drq_train import fit_threads, train_net
 from encoders.metrics import mean_average_precision
-from encoders.selection import PROXY_TEMPERATURE
+
+__all__ = ["DRQCoder", "DRQConfig", "pack_levels", "unpack_levels"]
 
 LOG = logging.getLogger(__name__)
 
 ENCODE_BATCH = 8192        # rows per encode/embed step: memory ~ ENCODE_BATCH * (D_in + 2K) floats
 LUT_QUERY_BATCH = 16       # queries per table-lookup step: keeps the accumulator block in cache
 RECON_BATCH = 65536        # items reconstructed per scoring step: memory RECON_BATCH * dim floats
-
-
-@dataclass(frozen=True)
-class DRQConfig:
-    """DRQ hyper-parameters.
-
-    Bytes per item: levels * log2(codebook_size) / 8 at full length (8 for the default 8 x 256); the
-    prefix of L bits is L / 8 bytes. Model: D_in*hidden + hidden*dim + codebook_size*dim floats
-    (~0.1 M for D_in 128) and levels - 1 scalars.
-    Fit cost: (epochs_embed + epochs_level0 + epochs_all) passes over train, one step
-    O(batch * (D_in*hidden + hidden*dim + levels*codebook_size*dim)), plus one faiss k-means with
-    codebook_size centroids (measured times: BENCHMARKS.md). Encode: O(D_in*hidden + hidden*dim +
-    levels*codebook_size*dim) per item. Search: see `DRQCoder.scores`.
-    """
-
-    levels: int = 8                 # M; codes of log2(K), 2 log2(K), ..., M log2(K) bits
-    codebook_size: int = 256        # K, a power of two; 256 -> one byte per level
-    dim: int = 64                   # embedding dimension D
-    hidden: int = 512               # MLP hidden width; 0 -> a single linear layer
-    similarity_loss: str = "proxy"  # "proxy" (normalised-softmax proxies) or "triplet" (batch-hard)
-    proxy_temperature: float = PROXY_TEMPERATURE  # the shared, val-selected temperature (encoders/selection.py)
-    triplet_margin: float = 0.2
-    assign: str = "l2"              # level assignment: "l2" (nearest s_m C_k) or "cos" (max cosine)
-    score: str = "l2"               # "ip": <q, z_hat>; "l2": -||q - z_hat||^2; "cos": <q, z_hat>/||z_hat||
-    soft_temperature: float = 0.05  # tau of the soft assignment softmax(similarity / tau)
-    quant_weight: float = 1.0       # weight of the quantisation losses against the similarity loss
-    prefix_loss: bool = True        # average quantisation losses over every prefix length
-    finetune_embedding: bool = True  # keep training the MLP during the codebook stages
-    epochs_embed: int = 30
-    epochs_level0: int = 5
-    epochs_all: int = 15
-    batch_size: int = 256
-    lr: float = 1e-3
-    codebook_lr_all: float = 0.1    # codebook learning rate in the all-levels stage, times lr
-    weight_decay: float = 1e-4
-    seed: int = 0
-    train_threads: int = 1          # torch/faiss threads during fit (0: leave as is); see _threads
-
-    def __post_init__(self) -> None:
-        if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1) or self.codebook_size > 65536:
-            raise ValueError(f"drq: codebook_size must be a power of two in [2, 65536], got {self.codebook_size}")
-        if self.levels < 1:
-            raise ValueError(f"drq: levels must be >= 1, got {self.levels}")
-        if self.similarity_loss not in ("proxy", "triplet"):
-            raise ValueError(f"drq: similarity_loss must be 'proxy' or 'triplet', got {self.similarity_loss!r}")
-        if self.assign not in ("l2", "cos"):
-            raise ValueError(f"drq: assign must be 'l2' or 'cos', got {self.assign!r}")
-        if self.score not in ("ip", "l2", "cos"):
-            raise ValueError(f"drq: score must be 'ip', 'l2' or 'cos', got {self.score!r}")
-
-    @property
-    def bits_per_level(self) -> int:
-        return self.codebook_size.bit_length() - 1
-
-
-# ---------------------------------------------------------------------------------------------
-# code packing: level m occupies bits [m*nb, (m+1)*nb) of the code, LSB first (faiss's layout,
-# identical to faiss AdditiveQuantizer codes), so a prefix of L bits holds exactly the first L/nb levels
-
-
-def pack_levels(b: np.ndarray, bits_per_level: int) -> np.ndarray:
-    """(n, M) level indices -> (n, ceil(M*nb/8)) uint8 codes, LSB-first bit stream."""
-    b = np.asarray(b)
-    if bits_per_level == 8:
-        return np.ascontiguousarray(b, dtype=np.uint8)
-    n, m = b.shape
-    shifts = np.arange(bits_per_level, dtype=np.uint32)
-    bitstream = ((b.astype(np.uint32)[:, :, None] >> shifts) & 1).astype(np.uint8).reshape(n, m * bits_per_level)
-    return np.packbits(bitstream, axis=1, bitorder="little")
-
-
-def unpack_levels(codes: np.ndarray, bits_per_level: int, levels: int) -> np.ndarray:
-    """Inverse of `pack_levels` for the first `levels` levels: (n, levels) int64."""
-    codes = np.asarray(codes, dtype=np.uint8)
-    need = (levels * bits_per_level + 7) // 8
-    if codes.ndim != 2 or codes.shape[1] < need:
-        raise ValueError(f"drq: codes of shape {codes.shape} too short for {levels} levels of "
-                         f"{bits_per_level} bits ({need} bytes needed)")
-    if bits_per_level == 8:
-        return codes[:, :levels].astype(np.int64)
-    bitstream = np.unpackbits(codes[:, :need], axis=1, bitorder="little")[:, : levels * bits_per_level]
-    weights = (1 << np.arange(bits_per_level, dtype=np.int64))
-    return bitstream.reshape(len(codes), levels, bits_per_level).astype(np.int64) @ weights
-
-
-# ---------------------------------------------------------------------------------------------
-# the model
-
-
-class DRQNet(nn.Module):
-    """Embedding MLP + shared codebook + per-level scalars (scales[0] is fixed at 1)."""
-
-    def __init__(self, d_in: int, cfg: DRQConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("mean", torch.zeros(d_in))
-        self.register_buffer("inv_std", torch.ones(d_in))
-        if cfg.hidden > 0:
-            self.mlp = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
-        else:
-            self.mlp = nn.Sequential(nn.Linear(d_in, cfg.dim))
-        self.codebook = nn.Parameter(torch.zeros(cfg.codebook_size, cfg.dim))
-        self.level_scales = nn.Parameter(torch.ones(max(cfg.levels - 1, 0)))
-
-    def scales(self, levels: int | None = None) -> torch.Tensor:
-        """(levels,) multipliers [1, s_1, ..., s_{levels-1}]."""
-        levels = self.cfg.levels if levels is None else levels
-        return torch.cat([torch.ones(1, dtype=self.codebook.dtype), self.level_scales[: levels - 1]])
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, D_in) features -> (n, dim) unit vectors."""
-        return F.normalize(self.mlp((x - self.mean) * self.inv_std), dim=1)
-
-    def level_logits(self, r: torch.Tensor, s: torch.Tensor, cnorm2: torch.Tensor) -> torch.Tensor:
-        """Similarity of residuals r (n, D) to every codeword of level s*C: (n, K), higher = closer.
-        l2: -||r - s C_k||^2 + ||r||^2 (the dropped term is constant per row); cos: cos(r, s C_k)."""
-        rc = r @ self.codebook.T
-        if self.cfg.assign == "l2":
-            return 2 * s * rc - (s * s) * cnorm2
-        return torch.sign(s) * rc / (cnorm2.sqrt() * r.norm(dim=1, keepdim=True)).clamp_min(1e-12)
-
-    def quantize(self, z: torch.Tensor, levels: int, soft: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Recurrent residual quantisation of z (n, D) over `levels` levels.
-
-        Returns (b (n, levels) int64, hard codewords (levels, n, D), soft codewords (levels, n, D))
-        when `soft`; the codeword tensors are None otherwise (inference: indices only).
-        The recurrence always follows the hard residual, as encoding does.
-        """
-        s_all = self.scales(levels)
-        cnorm2 = (self.codebook * self.codebook).sum(1)
-        r = z
-        idx, hards, softs = [], [], []
-        for m in range(levels):
-            s = s_all[m]
-            logits = self.level_logits(r, s, cnorm2)
-            b = logits.argmax(dim=1)
-            hard = s * self.codebook[b]
-            idx.append(b)
-            if soft:
-                # l2 logits are divided by the mean squared residual so tau means the same at every level
-                scale = 1.0 if self.cfg.assign == "cos" else 1.0 / r.detach().pow(2).sum(1).mean().clamp_min(1e-12)
-                p = torch.softmax(logits * scale / self.cfg.soft_temperature, dim=1)
-                softs.append(s * (p @ self.codebook))
-                hards.append(hard)
-            r = r - hard
-        b = torch.stack(idx, dim=1)
-        if not soft:
-            return b, None, None
-        return b, torch.stack(hards), torch.stack(softs)
-
-    def reconstruct(self, b: torch.Tensor) -> torch.Tensor:
-        """(n, L) level indices -> (n, D) z_hat = sum_m s_m C[b_m]."""
-        s = self.scales(b.shape[1])
-        return torch.einsum("nld,l->nd", self.codebook[b], s)
-
-
-def _similarity_loss(cfg: DRQConfig, z: torch.Tensor, y: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
-    if cfg.similarity_loss == "proxy":
-        logits = z @ F.normalize(proxies, dim=1).T / cfg.proxy_temperature
-        return F.cross_entropy(logits, y)
-    # batch-hard triplet on unit vectors
-    d = (2 - 2 * z @ z.T).clamp_min(0)
-    same = y[:, None] == y[None, :]
-    pos = torch.where(same, d, torch.zeros_like(d)).max(1).values
-    neg = torch.where(same, torch.full_like(d, 1e9), d).min(1).values
-    return F.relu(pos - neg + cfg.triplet_margin).mean()
-
-
-def _quant_losses(cfg: DRQConfig, z: torch.Tensor, hards: torch.Tensor, softs: torch.Tensor) -> torch.Tensor:
-    """||z - sum soft||^2 + ||z - sum hard||^2 + 0.1 ||sum soft - sum hard||^2, per row, averaged;
-    with `prefix_loss` averaged over every prefix length too (every prefix is a code we serve)."""
-    if cfg.prefix_loss:
-        hs, ss = hards.cumsum(0), softs.cumsum(0)     # (L, n, D): reconstruction at each prefix
-    else:
-        hs, ss = hards.sum(0, keepdim=True), softs.sum(0, keepdim=True)
-    l_soft = (z - ss).pow(2).sum(-1).mean()
-    l_hard = (z - hs).pow(2).sum(-1).mean()
-    l_joint = (ss - hs).pow(2).sum(-1).mean()
-    return l_soft + l_hard + 0.1 * l_joint
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run with n torch and faiss threads, then restore. Fit steps are small GEMMs (256 x 512), where
-    extra OpenMP threads on busy cores wait at barriers (BENCHMARKS.md)."""
-    if n <= 0:
-        yield
-        return
-    import faiss
-
-    old_t, old_f = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_t)
-        faiss.omp_set_num_threads(old_f)
-
-
-def _kmeans(z: np.ndarray, k: int, seed: int) -> np.ndarray:
-    import faiss  # local import: only fit needs it
-
-    z = np.ascontiguousarray(z, dtype=np.float32)
-    if len(z) < k:
-        raise ValueError(f"drq: need at least codebook_size={k} training rows for k-means, got {len(z)}")
-    km = faiss.Kmeans(z.shape[1], k, niter=20, seed=seed, verbose=False, min_points_per_centroid=1)
-    km.train(z)
-    return km.centroids.copy()
-
-
-@torch.no_grad()
-def _init_scales(net: DRQNet, z: torch.Tensor) -> None:
-    """Greedy least-squares scale per level: s_m = sum <r, C_b> / sum ||C_b||^2, re-assigning twice."""
-    r = z - net.codebook[net.quantize(z, 1)[0][:, 0]]
-    for m in range(1, net.cfg.levels):
-        s = r.norm(dim=1).mean() / net.codebook.norm(dim=1).mean()
-        for _ in range(3):
-            net.level_scales[m - 1] = s
-            cnorm2 = (net.codebook * net.codebook).sum(1)
-            b = net.level_logits(r, s, cnorm2).argmax(1)
-            cb = net.codebook[b]
-            s = (r * cb).sum() / (cb * cb).sum().clamp_min(1e-12)
-        net.level_scales[m - 1] = s
-        r = r - s * net.codebook[net.level_logits(r, s, (net.codebook ** 2).sum(1)).argmax(1)]
-
-
-# ---------------------------------------------------------------------------------------------
-# the coder
 
 
 @register("drq")
@@ -319,6 +90,10 @@ class DRQCoder(Coder):
             s = net.scales(levels).detach().cpu().numpy().astype(np.float32).reshape(-1)
         return np.stack([s[m] * cb for m in range(levels)]), self.config.bits_per_level, self.config.score
 
+    def query_space(self, queries: np.ndarray) -> np.ndarray:
+        """Queries in the space of the additive codebooks: their embeddings (`embed`)."""
+        return self.embed(queries)
+
     def prefix_codes(self, codes: np.ndarray, bits: int) -> np.ndarray:
         """First `bits` bits of full codes; for K < 256 a length that ends inside a byte keeps that byte
         with its unused high bits cleared, so equal prefixes give equal bytes."""
@@ -338,77 +113,12 @@ class DRQCoder(Coder):
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:
         """Staged training (embedding -> level 0 -> all levels) on `train` with its labels; `val` only
         for the reported per-length val mAP (val queries vs the rest of val). Cost: see DRQConfig."""
-        with _threads(self.config.train_threads), torch.random.fork_rng(devices=[]):
+        with fit_threads(self.config.train_threads), torch.random.fork_rng(devices=[]):
             return self._fit(train, labels, val)  # fork_rng: seeding here leaves the caller's RNG alone
-
     def _fit(self, train: np.ndarray, labels: np.ndarray,
              val: tuple[np.ndarray, np.ndarray] | None) -> FitReport:
-        cfg = self.config
         t0 = time.perf_counter()
-        x = np.asarray(train, dtype=np.float32)
-        if x.ndim != 2 or len(x) != len(labels):
-            raise ValueError(f"drq: train must be (n, D) with n labels, got {x.shape} and {len(labels)} labels")
-        require_classes(labels, "drq")
-        _, y = np.unique(np.asarray(labels), return_inverse=True)
-        n_classes = int(y.max()) + 1
-        torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-
-        net = DRQNet(x.shape[1], cfg)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-        net.mean.copy_(xt.mean(0))
-        net.inv_std.copy_(1.0 / xt.std(0).clamp_min(1e-6))
-        proxies = nn.Parameter(torch.randn(n_classes, cfg.dim, generator=gen))
-
-        def batches():
-            perm = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(perm), cfg.batch_size):
-                j = perm[i: i + cfg.batch_size]
-                yield xt[j], yt[j]
-
-        # stage 1: embedding alone, by the similarity loss
-        opt = torch.optim.AdamW([*net.mlp.parameters(), proxies], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.epochs_embed, 1))
-        for _ in range(cfg.epochs_embed):
-            for xb, yb in batches():
-                loss = _similarity_loss(cfg, net.embed(xb), yb, proxies)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            sched.step()
-        t_embed = time.perf_counter() - t0
-
-        # codebook init: k-means of the embeddings; scales by greedy least squares
-        with torch.no_grad():
-            z_all = net.embed(xt)
-            net.codebook.copy_(torch.from_numpy(_kmeans(z_all.numpy(), cfg.codebook_size, cfg.seed)))
-            _init_scales(net, z_all)
-
-        # stage 2: level 0 of the codebook; stage 3: all levels (+ scales). The embedding keeps
-        # training (similarity + quantisation losses) at lr/10 when finetune_embedding.
-        head = [proxies] + (list(net.mlp.parameters()) if cfg.finetune_embedding else [])
-        for stage_levels, epochs in ((1, cfg.epochs_level0), (cfg.levels, cfg.epochs_all)):
-            # the shared codebook IS the level-0 codebook: in the all-levels stage it moves slowly,
-            # else serving the residual levels costs the shortest code
-            cb_lr = cfg.lr * (cfg.codebook_lr_all if stage_levels > 1 else 1.0)
-            groups = [{"params": [net.codebook], "lr": cb_lr, "weight_decay": 0.0},
-                      {"params": head, "lr": cfg.lr * 0.1}]
-            if stage_levels > 1:
-                groups.append({"params": [net.level_scales], "weight_decay": 0.0})
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            for _ in range(epochs):
-                for xb, yb in batches():
-                    z = net.embed(xb) if cfg.finetune_embedding else net.embed(xb).detach()
-                    _, hards, softs = net.quantize(z, stage_levels, soft=True)
-                    loss = (_similarity_loss(cfg, z, yb, proxies)
-                            + cfg.quant_weight * _quant_losses(cfg, z, hards, softs))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-        net.eval()
-        self.net = net
-        for p in net.parameters():
-            p.requires_grad_(False)
+        self.net, t_embed = train_net(train, labels, self.config)
         fit_s = time.perf_counter() - t0
         metrics = self.val_maps(*val) if val is not None else {}
         LOG.info("drq fit: %.1f s (embedding %.1f s), val %s", fit_s, t_embed, metrics)

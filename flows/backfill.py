@@ -15,7 +15,7 @@ from infra.planner import parse_date_range, parse_shard_ranges, parts_spec, sele
 from infra.registry import RegistryError, coder_card
 from infra.runners import SettingsTaskRunner, shared_cluster
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 
 STAGES = ("extract", "codes", "index")
 
@@ -57,7 +57,7 @@ def backfill(dataset: str, model_id: str, shards: str | None = None, dates: str 
     bad = set(stages) - set(STAGES)
     if bad:
         raise ValueError(f"unknown stages {sorted(bad)}; choose from {STAGES}")
-    store = open_store(Settings.load(**(settings or {})))
+    store = shared_store(Settings.load(**(settings or {})))
     log = get_run_logger()
     out: dict[str, Any] = {"dataset": dataset, "shards": shards, "dates": dates, "stages": stages}
     if dates:

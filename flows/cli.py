@@ -1,12 +1,16 @@
-"""`codeshard` command line: one front door to the flows (the other is prefect.yaml)."""
+"""`codeshard` command line: one front door to the flows (the other is prefect.yaml).
+
+This module is the grammar (subcommands, flags) and `main`; the commands live by group in
+`flows/cli_pipeline.py` (stages), `flows/cli_index.py` (indexes, search, ls) and `flows/cli_ops.py`
+(doctor, dev, serve, deploy), sharing `flows/cli_common.py`.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 # Offline-safe Prefect defaults (STACK.md); the user's own values win.
 for _k, _v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
@@ -18,334 +22,11 @@ if os.environ.get("PREFECT_HOME"):  # Prefect warns, then cannot open its databa
 # faiss's loader logs every failed attempt at an optional CPU build (AVX-512, AVX2) at INFO
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
-SETTING_FLAGS = ("store", "s3_endpoint", "s3_region", "runner", "dask_address", "dask_workers",
-                 "max_workers", "heavy_limit", "device", "batch_size", "shard_rows")
-
-
-def _settings_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("settings (override CODESHARD_* environment variables)")
-    g.add_argument("--store", help="file:///path or s3://bucket/prefix")
-    g.add_argument("--s3-endpoint", help="S3 endpoint URL (SeaweedFS, MinIO); default AWS")
-    g.add_argument("--s3-region")
-    g.add_argument("--runner", choices=["threads", "dask"])
-    g.add_argument("--dask-address", help="tcp://host:8786 (default with --runner dask: a local cluster)")
-    g.add_argument("--dask-workers", type=int)
-    g.add_argument("--max-workers", type=int, help="concurrent shard tasks (thread runner)")
-    g.add_argument("--heavy-limit", type=int, help="concurrent heavy task runs per Prefect server (default 4; 0: no limit)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--shard-rows", type=int)
-
-
-def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
-
-
-def existing_store(args: argparse.Namespace):
-    """The store the flags name, which must exist and hold something (commands that only read or
-    add to what is there): a mistyped --store is an error, never a new empty store."""
-    from infra.settings import Settings
-    from infra.store import open_store
-
-    return open_store(Settings.load(**overrides(args))).require_existing()
-
-
-def finish(result: Any) -> int:
-    """Print a flow's result and its bad shards; the exit code of infra/outcomes.py (0 ok, 1 a
-    shard failed, 4 some quarantined)."""
-    from infra import outcomes
-
-    _print(result)
-    for line in outcomes.problem_lines(result):
-        print(line, file=sys.stderr)
-    return outcomes.exit_code(result)
-
-
-def run_flow(flow_obj, args: argparse.Namespace, **params: Any) -> Any:
-    """Call a flow with the settings from flags; each flow runs its tasks on the runner they select
-    (infra/runners.py SettingsTaskRunner)."""
-    from infra.settings import Settings
-
-    Settings.load(**overrides(args))  # bad settings fail here, before a Prefect server starts
-    return flow_obj(settings=overrides(args), **params)
-
-
-# -- commands ---------------------------------------------------------------------------------
-def cmd_doctor(args) -> int:
-    from infra import doctor
-    from infra.settings import Settings
-
-    cfg = Settings.load(**overrides(args))
-    print("codeshard settings (secrets masked):")
-    for k, v in cfg.masked().items():
-        print(f"  {k:24s} {v}")
-    ok = True
-    for check in doctor.checks(cfg):
-        print(f"{check.name + ':':9s} {'ok' if check.ok else 'FAILED:'} {check.detail}")
-        ok &= check.ok or not check.required
-    return 0 if ok else 1
-
-
-def cmd_dev_s3(args) -> int:
-    from infra.seaweed import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, start_seaweed, stop_seaweed
-    from infra.settings import Settings
-
-    data_dir = os.path.join(Settings.load().dev_dir, "seaweedfs")
-    if args.action == "up":
-        srv = start_seaweed(data_dir, bucket=args.bucket, s3_port=args.port)
-        print(f"SeaweedFS S3 on {srv.endpoint} (pid {srv.pid}, data {data_dir}); to use it:")
-        print(f"  export CODESHARD_STORE=s3://{args.bucket}/codeshard CODESHARD_S3_ENDPOINT={srv.endpoint}")
-        print(f"  export AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY} AWS_SECRET_ACCESS_KEY=<dev secret, see infra/seaweed.py>")
-        if args.env_file:
-            with open(args.env_file, "w") as f:
-                f.write(f"export CODESHARD_STORE=s3://{args.bucket}/codeshard\n"
-                        f"export CODESHARD_S3_ENDPOINT={srv.endpoint}\n"
-                        f"export AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY}\n"
-                        f"export AWS_SECRET_ACCESS_KEY={DEFAULT_SECRET_KEY}\n")
-        return 0
-    print("stopped" if stop_seaweed(data_dir) else "no SeaweedFS running for " + data_dir)
-    return 0
-
-
-def cmd_ingest(args) -> int:
-    from flows.ingest import ingest
-    from infra import layout
-    from infra.redact import refuse_credentials_in_uri
-
-    layout.check_name("dataset", args.dataset)
-    if args.source:
-        refuse_credentials_in_uri(args.source, "--from")
-    return finish(run_flow(ingest, args, dataset=args.dataset, source=args.source,
-                           shard_rows=args.shard_rows_ingest, force=args.force, limit=args.limit, date=args.date))
-
-
-def cmd_train_backbone(args) -> int:
-    from flows.train_backbone import train_backbone
-
-    from infra import layout
-
-    layout.check_names(dataset=args.dataset, model=args.model_id)
-    existing_store(args)
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    _print(run_flow(train_backbone, args, dataset=args.dataset, arch=args.arch, model_id=args.model_id,
-                    epochs=args.epochs, classes=classes, force=args.force))
-    return 0
-
-
-def cmd_extract(args) -> int:
-    from flows.extract_features import extract_features
-
-    from infra import layout
-
-    layout.check_names(dataset=args.dataset, model=args.model)
-    existing_store(args)
-    return finish(run_flow(extract_features, args, dataset=args.dataset, model_id=args.model, shards=args.shards,
-                           force=args.force))
-
-
-def _csv_list(text: str | None, cast=str) -> list | None:
-    return [cast(t) for t in text.split(",") if t.strip()] if text else None
-
-
-def cmd_evaluate(args) -> int:
-    from flows.evaluate import evaluate
-    from infra.reports import to_csv, to_table
-
-    from infra import layout
-
-    args.features = args.features or f"{args.dataset}-small-cnn"
-    layout.check_names(dataset=args.dataset, model=args.features)
-    existing_store(args)
-    out = run_flow(evaluate, args, dataset=args.dataset, model_id=args.features,
-                   methods=_csv_list(args.methods), bits=_csv_list(args.bits, int),
-                   R=args.R, run_id=args.run_id, seeds=args.seeds, gallery=args.gallery)
-    if args.format == "csv":
-        sys.stdout.write(to_csv(out["rows"]))
-    elif args.format == "json":
-        _print(out)
-    else:
-        print(to_table(out["rows"]))
-        print("report:", out["report"]["report.md"])
-    return 0
-
-
-def cmd_train_coder(args) -> int:
-    from flows.generate_codes import train_coders
-
-    from infra import layout
-
-    layout.check_names(dataset=args.dataset, model=args.features)
-    existing_store(args)
-    methods = {m: args.bits for m in _csv_list(args.method)}
-    _print(run_flow(train_coders, args, dataset=args.dataset, model_id=args.features, methods=methods,
-                    force=args.force))
-    return 0
-
-
-def cmd_encode(args) -> int:
-    from flows.generate_codes import encode
-
-    from infra import layout
-
-    layout.check_names(dataset=args.dataset, model=args.features, coder=_csv_list(args.coder))
-    existing_store(args)
-    return finish(run_flow(encode, args, dataset=args.dataset, model_id=args.features,
-                           coder_ids=_csv_list(args.coder), shards=args.shards, force=args.force))
-
-
-def cmd_pipeline(args) -> int:
-    from flows.pipeline import pipeline
-    from infra import layout, outcomes
-    from infra.reports import to_table
-
-    layout.check_names(dataset=args.dataset, model=args.model)
-    coders = None
-    if args.coders:  # "drq:64,itq:64,float": {method: longest bits}, float has none
-        coders = {m.strip(): int(b or 0) for m, _, b in (c.partition(":") for c in _csv_list(args.coders))}
-    out = run_flow(pipeline, args, dataset=args.dataset, model_id=args.model, epochs=args.epochs,
-                   bits=_csv_list(args.bits, int), coders=coders, evaluate_methods=_csv_list(args.methods),
-                   exclude_queries=args.exclude_queries, force=args.force)
-    print()
-    print(f"== pipeline {args.dataset}: model {out['model_id']}")
-    for stage in ("ingest", "extract"):
-        s = out[stage]
-        print(f"  {stage:8s} {s['shards']} shards: {s['done']} done, {s['skipped']} skipped, "
-              f"{len(s['quarantined'])} quarantined, {len(s['failed'])} failed ({s['rows']} rows)")
-    for s in out["encode"]:
-        print(f"  encode   {s['coder_id']}: {s['done']} done, {s['skipped']} skipped")
-    print("\n== evaluation (query vs database, mAP@all)")
-    print(to_table(out["evaluation"]["rows"]))
-    print("report:", out["evaluation"]["report"]["report.md"])
-    print("\n== indexes")
-    for i in out["indexes"]:
-        left_out = i.get("excluded") or {}
-        note = f", {left_out.get('rows')} '{left_out.get('split')}' rows left out as asked" if left_out else ""
-        print(f"  {i['name']}: v{i.get('version')} ({i.get('status')}, {i.get('n')} items{note}) {i.get('uri')}")
-    for line in outcomes.problem_lines(out):
-        print(line, file=sys.stderr)
-    return outcomes.exit_code(out)
-
-
-def cmd_backfill(args) -> int:
-    from flows.backfill import STAGES, backfill
-    from infra import layout
-
-    model = args.model or f"{args.dataset}-small-cnn"
-    layout.check_names(dataset=args.dataset, model=model, coder=_csv_list(args.coders))
-    stages = _csv_list(args.stages)
-    if bad := sorted(set(stages or []) - set(STAGES)):
-        raise ValueError(f"unknown stages {bad}; choose from {', '.join(STAGES)}")
-    existing_store(args)
-    return finish(run_flow(backfill, args, dataset=args.dataset, model_id=model, shards=args.shards,
-                           dates=args.dates, stages=stages, coder_ids=_csv_list(args.coders), force=args.force))
-
-
-def cmd_update_model(args) -> int:
-    from flows.update_model import update_model
-    from infra import layout
-
-    layout.check_names(dataset=args.dataset, model=[args.old] + ([args.new_model_id] if args.new_model_id else []))
-    existing_store(args)
-    out = run_flow(update_model, args, dataset=args.dataset, old_model_id=args.old, arch=args.arch,
-                   method=args.method, new_model_id=args.new_model_id, epochs=args.epochs,
-                   bits=_csv_list(args.bits, int), max_flip_rate=args.max_flip_rate)
-    _print({k: out[k] for k in ("model_id", "status", "gate_passed", "gate_reason", "gate", "compat_val", "compat",
-                                "compat_codes")})
-    return 0 if out["gate_passed"] else 3
-
-
-def cmd_serve(args) -> int:
-    from flows.deployments import serve_all
-    from flows.limits import ensure_heavy_limit
-    from infra.settings import Settings
-
-    cfg = Settings.load(**overrides(args))
-    ensure_heavy_limit(cfg.heavy_limit)
-    serve_all(cfg)
-    return 0
-
-
-def cmd_deploy(args) -> int:
-    from flows.deployments import deploy_all
-    from flows.limits import ensure_heavy_limit
-    from infra.settings import Settings
-
-    cfg = Settings.load(**overrides(args))
-    ensure_heavy_limit(cfg.heavy_limit)
-    print(deploy_all(cfg, args.pool))
-    print(f"start a worker: prefect worker start --pool {args.pool}")
-    return 0
-
-
-def cmd_index_build(args) -> int:
-    from flows.build_index import build_index
-    from infra import layout
-
-    layout.check_names(dataset=args.dataset, coder=args.coder, index=args.name)
-    existing_store(args)
-    s = run_flow(build_index, args, dataset=args.dataset, coder_id=args.coder, bits=args.bits, name=args.name,
-                 memory_budget=args.memory_budget, force=args.force, shards_per_task=args.shards_per_task,
-                 index_type=args.index_type, exclude_split=args.exclude_split, device=args.build_device,
-                 **({"recall_target": args.recall_target} if args.recall_target else {}))
-    _print(s)
-    if s["status"] == "superseded":
-        print(f"codeshard index build: another run published v{s.get('current_version')} of {s['name']} first; "
-              f"this build was discarded. Run `codeshard index refresh --name {s['name']}` to add anything newer.",
-              file=sys.stderr)
-    return 0
-
-
-def cmd_index_refresh(args) -> int:
-    from flows.refresh_index import refresh_index
-    from infra import layout
-
-    layout.check_name("index", args.name)
-    existing_store(args)
-    _print(run_flow(refresh_index, args, name=args.name, shards_per_task=args.shards_per_task,
-                    allow_removal=args.allow_removal))
-    return 0
-
-
-def cmd_search(args) -> int:
-    from infra import layout
-    from infra.search import Searcher, query_feature
-    from infra.settings import Settings
-    from infra.store import open_store
-
-    layout.check_name("index", args.name)
-    if args.k < 1:
-        raise ValueError(f"-k must be at least 1, got {args.k}")
-    cfg = Settings.load(**overrides(args))
-    store = open_store(cfg).require_existing()
-    searcher = Searcher(store, args.name, poll_seconds=0, cache_dir=args.cache_dir)
-    if args.id is not None:
-        res = searcher.search_by_id(args.id, args.k, nprobe=args.nprobe)
-    else:
-        model_id = searcher.current().build.get("model_id")
-        if not model_id:
-            raise ValueError(f"index {args.name} records no model_id: search it --id")
-        image = open(args.image, "rb").read() if args.image else None
-        res = searcher.search(query_feature(store, model_id, image=image, text=args.text,
-                                            device=cfg.torch_device()), args.k, nprobe=args.nprobe)
-    _print({"name": args.name, "version": res.version, "hits": res.hits[0]})
-    return 0
-
-
-def cmd_ls(args) -> int:
-    from infra import catalog
-    from infra.index_plan import human_bytes
-
-    store = existing_store(args)
-    for kind in [args.kind] if args.kind else list(catalog.KINDS):
-        entries = catalog.list_kind(store, kind)
-        print(f"== {kind} ({len(entries)})")
-        for e in entries:
-            print(f"  {e.name:48s} {human_bytes(e.size_bytes):>10s}  {e.detail}")
-    return 0
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+from flows.cli_common import settings_args  # noqa: E402 - after the environment defaults above
+from flows.cli_index import cmd_index_build, cmd_index_refresh, cmd_ls, cmd_search, index_type_arg  # noqa: E402
+from flows.cli_ops import cmd_deploy, cmd_dev_s3, cmd_doctor, cmd_serve  # noqa: E402
+from flows.cli_pipeline import (cmd_backfill, cmd_encode, cmd_evaluate, cmd_extract, cmd_ingest,  # noqa: E402
+                                cmd_pipeline, cmd_train_backbone, cmd_train_coder, cmd_update_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="debug logs and full tracebacks")
-    p = argparse.ArgumentParser(prog="codeshard", description=__doc__, parents=[verbose])
+    p = argparse.ArgumentParser(prog="codeshard", description=__doc__.split("\n\n")[0], parents=[verbose])
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, parents=[verbose])
-        _settings_args(sp)
+        settings_args(sp)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -458,14 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     index_sub = index.add_subparsers(dest="index_command", required=True)
     sp = index_sub.add_parser("build", help="build and publish an index of one coder x code length",
                               parents=[verbose])
-    _settings_args(sp)
+    settings_args(sp)
     sp.set_defaults(fn=cmd_index_build)
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--coder", required=True, help="coder id (codes/<dataset>/<coder>/ must exist)")
     sp.add_argument("--bits", type=int, help="code length (default: the coder's longest)")
     sp.add_argument("--name", help="index name (default <dataset>-<coder>-<bits>b)")
     sp.add_argument("--memory-budget", default="2GB", help="resident memory the index may take (e.g. 2GB, 512MB)")
-    sp.add_argument("--index-type", type=_index_type,
+    sp.add_argument("--index-type", type=index_type_arg,
                     help="a type (binary-flat, binary-ivf, pq-lut, rq-lut, coder-lut, ivf-pq, ivf-rq, flat, ivf-flat, "
                          "hnsw) or a faiss factory string over the stored codes ('IVF4096,PQ8x8', 'BIVF1024', "
                          "'HNSW32,Flat'); default: the cheapest that fits --memory-budget")
@@ -478,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="rebuild even if CURRENT covers the same shards")
     sp = index_sub.add_parser("refresh", help="add shards new since CURRENT; publish the next version",
                               parents=[verbose])
-    _settings_args(sp)
+    settings_args(sp)
     sp.set_defaults(fn=cmd_index_refresh)
     sp.add_argument("--name", required=True)
     sp.add_argument("--shards-per-task", type=int)
@@ -529,21 +210,6 @@ class _NoTracebackFormatter(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
-def _index_type(text: str) -> str:
-    """argparse type: a type name or factory string that some kind of stored code can use (the
-    coder's own kind is checked by the flow)."""
-    from infra.index_plan import KINDS, parse_index_type
-
-    errors = []
-    for kind in KINDS:
-        try:
-            parse_index_type(text, kind)
-            return text
-        except ValueError as e:
-            errors.append(str(e))
-    raise argparse.ArgumentTypeError(errors[-1])
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -570,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for expected failures
         if args.verbose:
             raise
-        from infra.store import _clean
+        from infra.store import clean_error
 
-        print(f"codeshard {args.command}: error: {type(e).__name__}: {_clean(e)}", file=sys.stderr)
+        print(f"codeshard {args.command}: error: {type(e).__name__}: {clean_error(e)}", file=sys.stderr)
         return 2
 
 

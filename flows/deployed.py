@@ -30,7 +30,7 @@ from flows.update_model import update_model
 from infra.planner import parse_shard_ranges, parts_spec, select_shards
 from infra.run_logging import send_project_logs_to_prefect
 from infra.settings import Settings
-from infra.store import StoreError, StoreUnavailable, open_store
+from infra.store import StoreError, StoreUnavailable, shared_store
 from infra import layout
 
 RAW_DISCOVERED = "codeshard.raw.discovered"
@@ -98,7 +98,7 @@ def discover_shards(dataset: str, model_id: str, settings: dict[str, Any] | None
     nothing when there are none. Cheap: one LIST and one small read per raw shard."""
     send_project_logs_to_prefect()
     layout.check_names(dataset=dataset, model=model_id)
-    store = open_store(Settings.load(**(settings or {})))
+    store = shared_store(Settings.load(**(settings or {})))
     refs = run_stage(lambda: pending_shards(store, dataset, model_id, resend_after_hours * HOUR), "discover")
     log = get_run_logger()
     if not refs:
@@ -121,7 +121,7 @@ def extract_stage(dataset: str, model_id: str, shards: str | None = None, force:
     send_project_logs_to_prefect()
     summary = run_stage(lambda: extract_features(dataset, model_id, shards, force, settings=settings), "extract")
     _check(summary, f"extract {dataset}")
-    store = open_store(Settings.load(**(settings or {})))
+    store = shared_store(Settings.load(**(settings or {})))
     parts = finished_parts(store, layout.features_prefix(dataset, model_id), shards, summary)
     if parts:
         emit_event(FEATURES_EXTRACTED, resource=dataset_resource(dataset, model_id),
@@ -141,7 +141,7 @@ def codes_stage(dataset: str, model_id: str, methods: dict[str, int] | None = No
     for s in out["encode"]:
         _check(s, f"encode {dataset} with {s['coder_id']}")
     bad = {q["part"] for s in out["encode"] for q in s["quarantined"]}
-    store = open_store(Settings.load(**(settings or {})))
+    store = shared_store(Settings.load(**(settings or {})))
     parts = [p for p in finished_parts(store, layout.features_prefix(dataset, model_id), shards,
                                        {"quarantined": [], "failed": []}) if p not in bad]
     if parts:

@@ -16,14 +16,9 @@ from infra.planner import ShardRef, select_shards
 from infra.store import Store, StoreError
 
 
-def announced_key(dataset: str, model_id: str) -> str:
-    """Where discovery records what it announced: {raw key: [checksum, unix time]}."""
-    return layout.manifest_key("discover", dataset, model_id, 0).rsplit("/", 1)[0] + "/announced.json"
-
-
 def read_announced(store: Store, dataset: str, model_id: str) -> dict[str, list]:
     try:
-        return json.loads(store.read_bytes(announced_key(dataset, model_id)))
+        return json.loads(store.read_bytes(layout.announced_key(dataset, model_id)))
     except (StoreError, ValueError):
         return {}  # none yet (or unreadable): announce again, stages skip done shards anyway
 
@@ -57,4 +52,4 @@ def record_announced(store: Store, dataset: str, model_id: str, refs: list[Shard
     now = time.time() if now is None else now
     announced = read_announced(store, dataset, model_id)
     announced.update({r.key: [r.checksum, now] for r in refs})
-    store.write_bytes(announced_key(dataset, model_id), json.dumps(announced, sort_keys=True).encode())
+    store.write_bytes(layout.announced_key(dataset, model_id), json.dumps(announced, sort_keys=True).encode())

@@ -14,7 +14,7 @@ from infra import layout
 from infra.reports import plot_markdown, read_csv_rows, to_markdown, write_report
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 from tasks.codes import features_fingerprint
 from tasks.evaluate import GALLERIES, evaluate_method, evaluation_code_version
 
@@ -35,7 +35,7 @@ def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits
     layout.check_names(dataset=dataset, model=model_id)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
-    store = open_store(cfg)
+    store = shared_store(cfg)
     methods = methods or list(BASELINES)
     bits = sorted(bits or cfg.code_bits)
     log = get_run_logger()

@@ -12,7 +12,7 @@ from infra.planner import parse_shard_ranges, select_shards
 from infra.registry import model_card
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 from flows.fanout import submit_shard_tasks
 from tasks.extract import check_ids_across_shards, extract_shard, extract_shards
 
@@ -27,7 +27,7 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
     layout.check_names(dataset=dataset, model=model_id)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
-    store = open_store(cfg)
+    store = shared_store(cfg)
     log = get_run_logger()
     card = model_card(store, model_id)  # registers a pretrained id on first use, before fan-out
     refs = select_shards(store.list(layout.raw_prefix(dataset)), parse_shard_ranges(shards))

@@ -11,7 +11,7 @@ from infra import layout
 from infra.planner import parse_shard_ranges, select_shards
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 from flows.fanout import submit_shard_tasks
 from tasks.codes import coder_id_for, encode_shard, encode_shards, train_coder
 
@@ -44,7 +44,7 @@ def encode(dataset: str, model_id: str, coder_ids: list[str], shards: str | None
     layout.check_names(dataset=dataset, model=model_id, coder=coder_ids)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
-    store = open_store(cfg)
+    store = shared_store(cfg)
     refs = select_shards(store.list(layout.features_prefix(dataset, model_id)), parse_shard_ranges(shards))
     if not refs:
         raise ValueError(f"no features for {dataset}/{model_id}: run `codeshard extract` first")

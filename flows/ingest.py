@@ -14,7 +14,7 @@ from infra.planner import ShardRef, partition_date, parts_spec, row_slices, sele
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, normalise_raw, open_parquet, read_table, write_table
-from infra.store import Store, open_store
+from infra.store import Store, shared_store
 from tasks.ingest import (LOADERS, import_shard, ingest_shard, ingest_vector_shard, load_with_splits,
                           source_fingerprint, vector_fingerprint, vector_source)
 
@@ -55,7 +55,7 @@ def ingest(dataset: str, source: str | None = None, shard_rows: int | None = Non
         futures = [ingest_shard.submit(cfg, dataset, part, a, b, fp, force, day)
                    for part, (a, b) in enumerate(slices)]
     else:
-        store = open_store(cfg)
+        store = shared_store(cfg)
         uris = [_source_uri(source)] if source is not None else imports.recorded_sources(store, dataset)
         if not uris:  # not packaged, never imported here: raw shards put there some other way, or nothing
             summary = summarize("ingest", _already_there(store, dataset))
@@ -70,7 +70,7 @@ def ingest(dataset: str, source: str | None = None, shard_rows: int | None = Non
 def _submit_import(cfg: Settings, store: Store, dataset: str, uri: str, force: bool, day: str) -> list:
     """Plan one source's import (splits, a raw part per shard) and submit its shard tasks. Cost: one
     LIST of the source, the split planning reads (see _plan_splits), assign_parts' store calls."""
-    src = open_store(cfg, uri=uri)
+    src = shared_store(cfg, uri=uri)
     infos = [i for i in src.list("") if i.key.endswith(".parquet")]
     if not infos:
         raise ValueError(f"no Parquet shards under {uri}")
@@ -121,7 +121,7 @@ def _plan_splits(cfg: Settings, dataset: str, uri: str, src: Store, infos) -> st
     all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
     split = datasets.assign_splits(all_labels, np.zeros(len(all_ids), bool), seed=cfg.seed)
     key = layout.import_splits_key(dataset, uri)
-    write_table(open_store(cfg), key, pa.table({"id": all_ids, "split": split.tolist()}))
+    write_table(shared_store(cfg), key, pa.table({"id": all_ids, "split": split.tolist()}))
     return key
 
 

@@ -52,7 +52,8 @@ def summarize(stage: str, outcomes: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "failed": [{"part": o["part"], "reason": o.get("reason", "")} for o in outcomes if o["status"] == "failed"],
         "rows": sum(o.get("rows", 0) for o in outcomes),
         "rows_written": sum(o.get("rows", 0) for o in outcomes if o["status"] == "done"),
-        "workers": sorted({o["stats"]["pid"] for o in outcomes if o.get("stats", {}).get("pid")}),
+        "workers": sorted({o["stats"]["writer"] for o in outcomes
+                           if o["status"] == "done" and o.get("stats", {}).get("writer")}),  # host:pid
     }
 
 

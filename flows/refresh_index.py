@@ -26,7 +26,7 @@ from infra.planner import select_shards
 from infra.registry import load_coder
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 
 
 @flow(name="refresh-index", flow_run_name="refresh {name}", log_prints=True, task_runner=SettingsTaskRunner())
@@ -40,7 +40,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
     layout.check_name("index", name)
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
-    store = open_store(cfg)
+    store = shared_store(cfg)
     log = get_run_logger()
     staged: list[str] = []
     for attempt in range(1, max_attempts + 1):
@@ -50,29 +50,29 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
             raise ValueError(f"no index named {name!r} in {store.uri}: build it first with "
                              f"`codeshard index build --name {name} --dataset … --coder …`")
         prev = ix.read_build(store, name, current.version)
-        coder, card = load_coder(store, prev["coder_id"])
-        if card["checksum"] != prev["coder_checksum"]:
-            raise ValueError(f"coder {prev['coder_id']} changed since v{current.version} (checksum "
-                             f"{prev['coder_checksum']} -> {card['checksum']}): its codes are not comparable; "
+        coder, card = load_coder(store, prev.coder_id)
+        if card["checksum"] != prev.coder_checksum:
+            raise ValueError(f"coder {prev.coder_id} changed since v{current.version} (checksum "
+                             f"{prev.coder_checksum} -> {card['checksum']}): its codes are not comparable; "
                              f"rebuild with `codeshard index build --force`")
-        refs = select_shards(store.list(layout.codes_prefix(prev["dataset"], prev["coder_id"])))
-        delta = ix.plan_refresh(prev["inputs"] + prev.get("invalid", []), refs)
+        refs = select_shards(store.list(layout.codes_prefix(prev.dataset, prev.coder_id)))
+        delta = ix.plan_refresh(prev.inputs + prev.invalid, refs)
         if delta.empty:
             log.info("index %s v%d is up to date (%d shards)", name, current.version, delta.unchanged)
             return {**summary(store, name, prev, "up-to-date"), "attempts": attempt, "code_shards_read": {}}
         ix.check_shrink(delta, allow_removal)  # before anything is built: a shrink needs a stated reason
-        plan = ix.IndexPlan.from_dict(prev["plan"])
+        plan = ix.IndexPlan.from_dict(prev.plan)
         log.info("index %s v%d: %d added, %d changed, %d removed, %d unchanged shards (attempt %d)", name,
                  current.version, len(delta.added), len(delta.changed), len(delta.removed), delta.unchanged, attempt)
         if delta.drop_parts and plan.index_type not in ix.REMOVABLE:
             log.warning("index %s is %s, which cannot drop rows of changed/removed shards: full rebuild",
                         name, plan.index_type)
-            return build_index(prev["dataset"], prev["coder_id"], prev["bits"], name,
-                               memory_budget=prev["memory_budget"], force=True,
-                               index_type=prev.get("index_type_requested"), settings=settings)
+            return build_index(prev.dataset, prev.coder_id, prev.bits, name,
+                               memory_budget=prev.memory_budget, force=True,
+                               index_type=prev.index_type_requested, settings=settings)
         todo = delta.to_read
-        mean_rows = prev["n"] / max(1, len(prev["inputs"]))
-        per = shards_per_task or ix.shards_per_task(mean_rows, plan.bytes_per_item, prev["memory_budget"],
+        mean_rows = prev.n / max(1, len(prev.inputs))
+        per = shards_per_task or ix.shards_per_task(mean_rows, plan.bytes_per_item, prev.memory_budget,
                                                     cfg.max_workers, len(todo))
         batches = [todo[i:i + per] for i in range(0, len(todo), per)]
         trained = None
@@ -81,19 +81,20 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
             head = store.head(key)
             if head is None:
                 raise ix.IndexBuildError(f"{store.uri_of(key)} is missing: rebuild {name} with --force")
-            trained = {**(prev.get("trained") or {}), "key": key, "checksum": head.etag}  # rows, niter kept
-        meta = {**{k: prev[k] for k in ("format", "name", "dataset", "coder_id", "coder_checksum", "method",
-                                         "model_id", "bits", "memory_budget", "index_type_requested")},
-                "exclude_split": prev.get("exclude_split", "query"),  # kept: older builds left queries out
-                "recall_target": prev.get("recall_target"), "device": prev.get("device", "cpu"),
-                "mode": "refresh", "based_on": current.version, "attempt": attempt,
-                "delta": {"added": [r.key for r in delta.added], "changed": [r.key for r in delta.changed],
-                          "removed": [i["key"] for i in delta.removed], "unchanged": delta.unchanged},
-                "plan_s": time.perf_counter() - t0,
-                **({"removal_reason": allow_removal} if delta.removed else {})}
-        res = run_build(cfg, store, name, prev["coder_id"], prev["bits"], plan, batches, current,
-                        prev["memory_budget"], meta, base=prev, drop_parts=delta.drop_parts,
-                        trained=trained, eval_parts=[r.part for r in todo], cleanup_on_loss=False)
+            trained = {**(prev.trained or {}), "key": key, "checksum": head.etag}  # rows, niter kept
+        # what was asked: the previous build's, exclude_split included (older builds left queries out)
+        asked = ix.BuildRecord(
+            format=prev.format, name=prev.name, mode="refresh", dataset=prev.dataset, coder_id=prev.coder_id,
+            coder_checksum=prev.coder_checksum, method=prev.method, model_id=prev.model_id, bits=prev.bits,
+            memory_budget=prev.memory_budget, index_type_requested=prev.index_type_requested,
+            exclude_split=prev.exclude_split, based_on=current.version, device=prev.device,
+            recall_target=prev.recall_target, attempt=attempt,
+            delta={"added": [r.key for r in delta.added], "changed": [r.key for r in delta.changed],
+                   "removed": [i["key"] for i in delta.removed], "unchanged": delta.unchanged},
+            removal_reason=allow_removal if delta.removed else None)
+        res = run_build(cfg, store, plan, batches, current, asked, plan_s=time.perf_counter() - t0, base=prev,
+                        drop_parts=delta.drop_parts, trained=trained, eval_parts=[r.part for r in todo],
+                        cleanup_on_loss=False)
         staged += res.pop("staged", [])
         if res["status"] == "published":
             for p in dict.fromkeys(staged):

@@ -35,13 +35,13 @@ def list_kind(store: Store, kind: str) -> list[Entry]:
             "quarantine": _quarantine}[kind](store)
 
 
-def _grouped(store: Store, prefix: str, depth: int) -> dict[str, list]:
+def _grouped(store: Store, prefix: str, depth: int) -> dict[tuple[str, ...], list]:
     """Objects under `prefix` grouped by the first `depth` path segments after it."""
-    groups: dict[str, list] = collections.defaultdict(list)
+    groups: dict[tuple[str, ...], list] = collections.defaultdict(list)
     for info in store.list(prefix):
-        parts = info.key[len(prefix):].split("/")
+        parts = layout.segments_under(prefix, info.key)
         if len(parts) > depth:
-            groups["/".join(parts[:depth])].append(info)
+            groups[tuple(parts[:depth])].append(info)
     return groups
 
 
@@ -49,14 +49,14 @@ def _datasets(store: Store) -> list[Entry]:
     raw = _grouped(store, layout.RAW_ROOT, 1)
     feats = _grouped(store, layout.FEATURES_ROOT, 2)
     codes = _grouped(store, layout.CODES_ROOT, 2)
-    names = sorted(set(raw) | {k.split("/")[0] for k in feats} | {k.split("/")[0] for k in codes})
+    names = sorted({k[0] for k in raw} | {k[0] for k in feats} | {k[0] for k in codes})
     out = []
     for ds in names:
-        models = sorted(k.split("/")[1] for k in feats if k.startswith(ds + "/"))
-        coders = sorted(k.split("/")[1] for k in codes if k.startswith(ds + "/"))
-        size = sum(i.size for group in (raw.get(ds, []),) for i in group)
-        size += sum(i.size for k, g in {**feats, **codes}.items() if k.startswith(ds + "/") for i in g)
-        detail = (f"{len(raw.get(ds, []))} raw shards; features: {', '.join(models) or '-'}; "
+        models = sorted(k[1] for k in feats if k[0] == ds)
+        coders = sorted(k[1] for k in codes if k[0] == ds)
+        size = sum(i.size for i in raw.get((ds,), []))
+        size += sum(i.size for g in (feats, codes) for k, infos in g.items() if k[0] == ds for i in infos)
+        detail = (f"{len(raw.get((ds,), []))} raw shards; features: {', '.join(models) or '-'}; "
                   f"codes: {', '.join(coders) or '-'}")
         out.append(Entry("dataset", ds, detail, size))
     return out
@@ -64,8 +64,8 @@ def _datasets(store: Store) -> list[Entry]:
 
 def _cards(store: Store, prefix: str, kind: str) -> list[Entry]:
     out = []
-    for name, infos in sorted(_grouped(store, prefix, 1).items()):
-        files = ", ".join(sorted(i.key.rsplit("/", 1)[-1] for i in infos))
+    for (name,), infos in sorted(_grouped(store, prefix, 1).items()):
+        files = ", ".join(sorted(layout.segments_under(prefix, i.key)[-1] for i in infos))
         out.append(Entry(kind, name, files, sum(i.size for i in infos)))
     return out
 
@@ -80,8 +80,9 @@ def _coders(store: Store) -> list[Entry]:
 
 def _indexes(store: Store) -> list[Entry]:
     out = []
-    for name, infos in sorted(_grouped(store, layout.INDEXES_ROOT, 1).items()):
-        versions = sorted({i.key.split("/")[2] for i in infos if i.key.split("/")[2].startswith("v")})
+    for (name,), infos in sorted(_grouped(store, layout.INDEXES_ROOT, 1).items()):
+        dirs = {layout.segments_under(layout.INDEXES_ROOT, i.key)[1] for i in infos}
+        versions = sorted(d for d in dirs if d.startswith("v"))
         try:
             pointer = json.loads(store.read_bytes(layout.index_current_key(name)))
             current = f"CURRENT v{int(pointer['version'])}"

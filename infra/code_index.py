@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from encoders.coders import Coder
 from infra.index_files import ids_from_bytes, index_from_bytes, index_from_file, index_to_bytes
 from infra.index_plan import (BINARY_FLAT, BINARY_IVF, BINARY_STORAGE, CODER_LUT, FLAT, HNSW,
                               HNSW_EF_SEARCH, HNSW_M, IVF_FLAT, IVF_PQ, IVF_RQ, IVF_TRAIN_NITER, IVF_TYPES, PQ_LUT,
@@ -20,49 +21,44 @@ from infra.index_plan import (BINARY_FLAT, BINARY_IVF, BINARY_STORAGE, CODER_LUT
 # ---------------------------------------------------------------------------------------------
 # Coders -> index kinds, engines and spaces
 # ---------------------------------------------------------------------------------------------
-def index_kind(coder: Any) -> str:
+def index_kind(coder: Coder) -> str:
     """'binary' for symmetric (Hamming) coders, 'float' for the float ceiling, else 'adc'."""
     if coder.symmetric:
         return "binary"
     return "float" if coder.method == "float" else "adc"
 
 
-def adc_engine_for(coder: Any, bits: int) -> str:
+def adc_engine_for(coder: Coder, bits: int) -> str:
     """The exact ADC type for an asymmetric coder: faiss IndexPQ when it exposes its PQ (pq, opq),
     faiss IndexResidualQuantizer when it declares additive codebooks (`Coder.additive_codebooks`:
     DRQ scoring by 'ip' / 'l2'), else the generic coder-lut scan."""
-    if coder.method in ("pq", "opq") and hasattr(coder, "pq") and hasattr(coder, "to_pq_space"):
+    if coder.product_quantizer() is not None:
         return PQ_LUT
-    if additive_codebooks(coder, bits) is not None:
+    if coder.additive_codebooks(bits) is not None:
         return RQ_LUT
     return CODER_LUT
 
 
-def additive_codebooks(coder: Any, bits: int) -> tuple[np.ndarray, int, str] | None:
-    """What the coder declares (`Coder.additive_codebooks`), None for coders without the method."""
-    fn = getattr(coder, "additive_codebooks", None)
-    return fn(bits) if callable(fn) else None
-
-
-def codec_of(coder: Any, bits: int) -> str:
+def codec_of(coder: Coder, bits: int) -> str:
     """The stored codes' faiss codec, for factory strings: 'PQ{M}x{nbits}', 'RQ{levels}x{nb}', ''."""
     engine = adc_engine_for(coder, bits) if index_kind(coder) == "adc" else ""
     if engine == PQ_LUT:
-        return f"PQ{coder.pq.M}x{coder.pq.nbits}"
+        pq = coder.product_quantizer()
+        return f"PQ{pq.M}x{pq.nbits}"
     if engine == RQ_LUT:
-        cbs, nb, _ = additive_codebooks(coder, bits)
+        cbs, nb, _ = coder.additive_codebooks(bits)
         return f"RQ{len(cbs)}x{nb}"
     return ""
 
 
-def code_bits(coder: Any, codes: np.ndarray, bits: int) -> np.ndarray:
+def code_bits(coder: Coder, codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes cut to `bits` from full-length stored codes (no copy at full length)."""
     if bits == coder.full_bits:
         return np.ascontiguousarray(codes)
     return coder.prefix_codes(codes, bits)
 
 
-def as_full_length(coder: Any, codes: np.ndarray, bits: int) -> np.ndarray:
+def as_full_length(coder: Coder, codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes kept at `bits` -> full-length codes for `coder.scores` (whose contract takes stored,
     full-length codes and cuts the prefix itself): zero bytes appended, which the prefix drops.
     A view when already full; else one (n, full bytes) copy."""
@@ -74,7 +70,7 @@ def as_full_length(coder: Any, codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def prepare_queries(plan: IndexPlan, coder: Any, bits: int, queries: np.ndarray) -> np.ndarray:
+def prepare_queries(plan: IndexPlan, coder: Coder, bits: int, queries: np.ndarray) -> np.ndarray:
     """Float query features (nq, D) -> queries in the index's space: packed codes (binary), the PQ's
     space (pq-lut), DRQ embeddings (rq-lut), or the features themselves. Cost: one coder encode."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -84,9 +80,9 @@ def prepare_queries(plan: IndexPlan, coder: Any, bits: int, queries: np.ndarray)
     if t in (BINARY_FLAT, BINARY_IVF):
         return code_bits(coder, coder.encode(q), bits)
     if t in (PQ_LUT, IVF_PQ):
-        return np.ascontiguousarray(coder.to_pq_space(q), dtype=np.float32)
+        return np.ascontiguousarray(coder.query_space(q), dtype=np.float32)
     if t in (RQ_LUT, IVF_RQ):
-        return np.ascontiguousarray(coder.embed(q), dtype=np.float32)
+        return np.ascontiguousarray(coder.query_space(q), dtype=np.float32)
     return q
 
 
@@ -128,7 +124,7 @@ class CodeIndex:
         return self._codes
 
 
-def new_index(plan: IndexPlan, coder: Any, bits: int, trained: bytes | None = None,
+def new_index(plan: IndexPlan, coder: Coder, bits: int, trained: bytes | None = None,
               final: bool = False) -> Any:
     """An empty index ready for `add_codes`: flat types from the coder's codebooks, IVF types from
     the `trained` bytes (`train_ivf`). hnsw partials are flat; `final=True` gives the HNSW graph."""
@@ -140,7 +136,8 @@ def new_index(plan: IndexPlan, coder: Any, bits: int, trained: bytes | None = No
             raise IndexBuildError(f"{t} needs its trained coarse quantizer")
         return index_from_bytes(trained, t in BINARY_STORAGE)
     if t == PQ_LUT:
-        idx = faiss.IndexPQ(coder.pq.d, coder.pq.M, coder.pq.nbits)
+        pq = coder.product_quantizer()
+        idx = faiss.IndexPQ(pq.d, pq.M, pq.nbits)
         _copy_pq(coder, idx.pq, b)
         idx.is_trained = True
         return idx
@@ -159,18 +156,18 @@ def new_index(plan: IndexPlan, coder: Any, bits: int, trained: bytes | None = No
     return faiss.IndexFlatL2(d)
 
 
-def _copy_pq(coder: Any, pq_: Any, nbytes: int) -> None:
+def _copy_pq(coder: Coder, pq_: Any, nbytes: int) -> None:
     """The coder's PQ centroids into a faiss ProductQuantizer (IndexPQ's or IndexIVFPQ's)."""
-    faiss.copy_array_to_vector(faiss.vector_to_array(coder.pq.centroids), pq_.centroids)
+    faiss.copy_array_to_vector(faiss.vector_to_array(coder.product_quantizer().centroids), pq_.centroids)
     pq_.is_trained = True
     if pq_.code_size != nbytes:
         raise IndexBuildError(f"pq: PQ code size {pq_.code_size} != stored {nbytes} bytes")
 
 
-def _rq_params(coder: Any, bits: int, nbytes: int) -> tuple[int, int, int, int, int, np.ndarray]:
+def _rq_params(coder: Coder, bits: int, nbytes: int) -> tuple[int, int, int, int, int, np.ndarray]:
     """(levels, bits per level, d, metric, search type, codebooks) of the coder's additive codes:
     'ip' scores sum the LUTs; 'l2' adds the stored float32 norm of z_hat (ST_norm_float)."""
-    got = additive_codebooks(coder, bits)
+    got = coder.additive_codebooks(bits)
     if got is None:
         raise IndexBuildError(f"rq: coder {coder.method} declares no additive codebooks")
     cbs, nb, score = got
@@ -183,14 +180,14 @@ def _rq_params(coder: Any, bits: int, nbytes: int) -> tuple[int, int, int, int, 
     return levels, nb, d, metric, st, cbs
 
 
-def decode_codes(plan: IndexPlan, coder: Any, bits: int, codes: np.ndarray) -> np.ndarray:
+def decode_codes(plan: IndexPlan, coder: Coder, bits: int, codes: np.ndarray) -> np.ndarray:
     """Stored codes at `bits` -> float32 vectors in the index's space (PQ space, DRQ embedding
     space, feature space): what the coarse quantizer routes by. Cost: n·d floats."""
     t = plan.index_type
     if t in (PQ_LUT, IVF_PQ):
-        return coder.pq.decode(np.ascontiguousarray(codes))
+        return coder.product_quantizer().decode(np.ascontiguousarray(codes))
     if t in (RQ_LUT, IVF_RQ):
-        cbs, nb, _ = additive_codebooks(coder, bits)
+        cbs, nb, _ = coder.additive_codebooks(bits)
         lv = _unpack_levels(codes, len(cbs), nb)
         z = np.zeros((len(codes), cbs.shape[2]), dtype=np.float32)
         for m in range(len(cbs)):
@@ -199,7 +196,7 @@ def decode_codes(plan: IndexPlan, coder: Any, bits: int, codes: np.ndarray) -> n
     return np.ascontiguousarray(coder.decode(codes), dtype=np.float32)
 
 
-def train_ivf(plan: IndexPlan, coder: Any, bits: int, sample_codes: np.ndarray,
+def train_ivf(plan: IndexPlan, coder: Coder, bits: int, sample_codes: np.ndarray,
               niter: int = IVF_TRAIN_NITER) -> bytes:
     """Train the coarse quantizer of an IVF type on full-length sample codes; returns the empty
     trained index's bytes. IVF-PQ / IVF-RQ keep the coder's own codebooks (by_residual=False: the
@@ -220,7 +217,8 @@ def train_ivf(plan: IndexPlan, coder: Any, bits: int, sample_codes: np.ndarray,
     if t == IVF_FLAT:
         idx = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, plan.nlist, faiss.METRIC_L2)
     elif t == IVF_PQ:
-        idx = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, plan.nlist, coder.pq.M, coder.pq.nbits)
+        pq = coder.product_quantizer()
+        idx = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, plan.nlist, pq.M, pq.nbits)
         idx.by_residual = False
         _copy_pq(coder, idx.pq, plan.bytes_per_item)
     elif t == IVF_RQ:
@@ -249,7 +247,7 @@ def listno_bytes(index: Any, lists: np.ndarray) -> np.ndarray:
     return np.stack([(lists >> (8 * i)) & 0xFF for i in range(size)], axis=1).astype(np.uint8)
 
 
-def add_codes(index: Any, plan: IndexPlan, coder: Any, bits: int, full_codes: np.ndarray) -> None:
+def add_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, full_codes: np.ndarray) -> None:
     """Append stored full-length codes (n, B_full) uint8 in order; positions continue from ntotal.
     Cost: a copy of the codes (float kinds: decoded to vectors; IVF: one coarse assignment each)."""
     codes = code_bits(coder, full_codes, bits)
@@ -266,7 +264,7 @@ def add_codes(index: Any, plan: IndexPlan, coder: Any, bits: int, full_codes: np
         index.add(np.ascontiguousarray(coder.decode(codes), dtype=np.float32))
 
 
-def _add_ivf_codes(index: Any, plan: IndexPlan, coder: Any, bits: int, codes: np.ndarray,
+def _add_ivf_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, codes: np.ndarray,
                    chunk: int = 262_144) -> None:
     """Stored codes into an IVF-PQ / IVF-RQ with by_residual=False: route each decoded code to its
     nearest coarse centroid and append the code itself (add_sa_codes: list number + code), in order,
@@ -314,7 +312,7 @@ def _strip_norms(index: Any, raw: np.ndarray, nbytes: int) -> np.ndarray:
     """faiss flat codes -> the stored codes (first `nbytes` bytes; the bits after the last level,
     where rq-lut keeps its norm, cleared)."""
     out = raw[:, :nbytes]
-    rq = getattr(index, "rq", None)
+    rq = index.rq if isinstance(index, (faiss.IndexResidualQuantizer, faiss.IndexIVFResidualQuantizer)) else None
     if rq is None or rq.search_type == faiss.AdditiveQuantizer.ST_LUT_nonorm:
         return out
     used = rq.M * rq.nbits.at(0) - 8 * (nbytes - 1)
@@ -364,7 +362,7 @@ def configure_search(ci: CodeIndex) -> None:
     """Search-time parameters from the plan (nprobe, efSearch)."""
     if ci.plan.index_type in IVF_TYPES:
         ci.index.nprobe = ci.plan.nprobe
-    elif ci.plan.index_type == HNSW and hasattr(ci.index, "hnsw"):  # hnsw partials are flat
+    elif ci.plan.index_type == HNSW and isinstance(ci.index, faiss.IndexHNSW):  # hnsw partials are flat
         ci.index.hnsw.efSearch = ci.plan.ef_search or HNSW_EF_SEARCH
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from encoders.coders import Coder
 from encoders.metrics import hamming_scores, tie_aware_recall
 from infra.code_index import (CodeIndex, add_codes, as_full_length, new_index, prepare_queries)
 from infra.index_plan import (BINARY_FLAT, BINARY_IVF, CODER_LUT, EXACT_TYPES, FLAT, HNSW, IVF_FLAT, IVF_PQ,
@@ -27,7 +28,7 @@ LATENCY_QUERIES = 100  # one at a time, one thread
 _NPROBE_LOCK = threading.Lock()
 
 
-def search_prepared(ci: CodeIndex, coder: Any, q: np.ndarray, k: int, exhaustive: bool = False,
+def search_prepared(ci: CodeIndex, coder: Coder, q: np.ndarray, k: int, exhaustive: bool = False,
                     nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k for queries already in the index's space (`prepare_queries`): (scores (nq, k) float32,
     higher is better, positions (nq, k) int64, -1 where fewer than k items). `exhaustive` visits
@@ -58,18 +59,18 @@ def search_prepared(ci: CodeIndex, coder: Any, q: np.ndarray, k: int, exhaustive
                     ci.index.nprobe = old
         else:
             d, i = ci.index.search(q, k, params=params)
-    elif nprobe and t == HNSW and hasattr(ci.index, "hnsw"):
+    elif nprobe and t == HNSW and isinstance(ci.index, faiss.IndexHNSW):
         d, i = ci.index.search(q, k, params=faiss.SearchParametersHNSW(efSearch=int(nprobe)))
     else:
         d, i = ci.index.search(q, k)
-    ip = getattr(ci.index, "metric_type", None) == faiss.METRIC_INNER_PRODUCT
+    ip = isinstance(ci.index, faiss.Index) and ci.index.metric_type == faiss.METRIC_INNER_PRODUCT
     scores = d.astype(np.float32) if ip else -d.astype(np.float32)
     i = i.astype(np.int64)
     scores[i < 0] = -np.inf
     return scores, i
 
 
-def _coder_lut_search(ci: CodeIndex, coder: Any, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _coder_lut_search(ci: CodeIndex, coder: Coder, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k with `coder.scores` over the stored codes in chunks (memory nq · chunk · 4 bytes),
     keeping a running top-k; ties broken by lower position."""
     codes = ci.codes()
@@ -94,7 +95,7 @@ def _coder_lut_search(ci: CodeIndex, coder: Any, q: np.ndarray, k: int) -> tuple
     return best_s, best_i
 
 
-def reference_scores(ci: CodeIndex, coder: Any, q: np.ndarray, positions: np.ndarray,
+def reference_scores(ci: CodeIndex, coder: Coder, q: np.ndarray, positions: np.ndarray,
                      q_features: np.ndarray | None = None) -> np.ndarray:
     """The coder's own score of each query against the codes at `positions` (nq, k) (-inf at -1):
     Hamming for binary codes, coder.scores for ADC (needs the float `q_features`), -L2 for float.
@@ -151,7 +152,7 @@ def _reconstruct_ivf(idx: Any, pos: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Evaluation and tuning, at a fixed cost
 # ---------------------------------------------------------------------------------------------
-def query_vectors(ci: CodeIndex, coder: Any, positions: np.ndarray,
+def query_vectors(ci: CodeIndex, coder: Coder, positions: np.ndarray,
                   features: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(queries in the index's space, raw float features or None) for database items at `positions`:
     binary and float indexes use their stored codes / vectors (what encoding the features gives);
@@ -170,7 +171,7 @@ def query_vectors(ci: CodeIndex, coder: Any, positions: np.ndarray,
     return None, None
 
 
-def evaluate(ci: CodeIndex, coder: Any, positions: np.ndarray, features: np.ndarray | None, k: int = 10,
+def evaluate(ci: CodeIndex, coder: Coder, positions: np.ndarray, features: np.ndarray | None, k: int = 10,
              latency_queries: int = LATENCY_QUERIES, gallery: int = GALLERY,
              tune_target: float | None = None, seed: int = 0) -> dict[str, Any]:
     """Recall@k and latency of `ci` with database items at `positions` as queries, at a fixed cost.
@@ -215,7 +216,7 @@ def evaluate(ci: CodeIndex, coder: Any, positions: np.ndarray, features: np.ndar
     return out
 
 
-def _gallery(ci: CodeIndex, coder: Any, positions: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, CodeIndex]:
+def _gallery(ci: CodeIndex, coder: Coder, positions: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, CodeIndex]:
     """A flat index of the same type over the query items + a seeded sample of stored codes, in
     which the query items come first (so query r is gallery item r when the positions are distinct)."""
     rng = np.random.default_rng(seed)
@@ -232,7 +233,7 @@ def _gallery(ci: CodeIndex, coder: Any, positions: np.ndarray, size: int, seed: 
     return g, CodeIndex(ci.plan, ci.bits, idx, ci.ids[g], ci.parts[g])
 
 
-def tune_search(ci: CodeIndex, coder: Any, q: np.ndarray, kth: np.ndarray, k: int,
+def tune_search(ci: CodeIndex, coder: Coder, q: np.ndarray, kth: np.ndarray, k: int,
                 target: float = RECALL_TARGET) -> dict[str, Any]:
     """Set the smallest nprobe (IVF) or efSearch (HNSW) whose recall@k against the exact k-th scores
     `kth` reaches `target` (the largest tried if none does). Returns {param, value, recall, tried}."""
@@ -257,7 +258,7 @@ def tune_search(ci: CodeIndex, coder: Any, q: np.ndarray, kth: np.ndarray, k: in
             "queries": int(len(q))}
 
 
-def latency(ci: CodeIndex, coder: Any, src: np.ndarray, raw: bool, k: int, n: int) -> dict[str, Any]:
+def latency(ci: CodeIndex, coder: Coder, src: np.ndarray, raw: bool, k: int, n: int) -> dict[str, Any]:
     """p50/p99 ms per query, one query at a time on one faiss thread (OpenMP barriers on a shared
     machine add 10-40x noise), including the query's preparation when `raw` (float features)."""
     lat = []
@@ -275,7 +276,7 @@ def latency(ci: CodeIndex, coder: Any, src: np.ndarray, raw: bool, k: int, n: in
             "latency_threads": 1, "latency_queries": len(lat)}
 
 
-def _exact_kth(ci: CodeIndex, coder: Any, q: np.ndarray, raw: np.ndarray | None, k: int) -> np.ndarray:
+def _exact_kth(ci: CodeIndex, coder: Coder, q: np.ndarray, raw: np.ndarray | None, k: int) -> np.ndarray:
     """k-th best exact score per query by the coder's own scoring over every stored code of `ci`."""
     codes = ci.codes()
     t = ci.plan.index_type

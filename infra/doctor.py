@@ -47,7 +47,9 @@ def _faiss() -> Check:
     try:
         import faiss
 
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        from infra.devices import faiss_gpus
+
+        gpus = faiss_gpus()
         return Check("faiss", True, f"faiss {faiss.__version__}, {gpus} GPU(s) visible to faiss")
     except Exception as e:  # noqa: BLE001
         return Check("faiss", False, f"{type(e).__name__}: {e}")
@@ -93,9 +95,9 @@ def _store(settings: Settings) -> list[Check]:
         counts = ", ".join(f"{len(catalog.list_kind(store, k))} {k}" for k in catalog.KINDS)
         return [Check("store", True, status), Check("holds", True, counts)]
     except (StoreError, ValueError, OSError) as e:
-        from infra.store import _clean
+        from infra.store import clean_error
 
-        return [Check("store", False, _clean(e))]
+        return [Check("store", False, clean_error(e))]
 
 
 def _prefect() -> Check:

@@ -1,6 +1,6 @@
 """Index versions in the store: claim, write, complete (build.json), load, publish (CURRENT).
 
-Store layout of one index (prefixes from infra.layout; file names here):
+Store layout of one index (keys and file names from infra/layout.py):
     indexes/<name>/v000007/_claim.json   conditional create (If-None-Match): one writer per version
     indexes/<name>/v000007/index.faiss   faiss.serialize_index / serialize_index_binary bytes
     indexes/<name>/v000007/ids.parquet   position -> id int64, part int32 (the code shard it came from)
@@ -23,7 +23,7 @@ import resource
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from infra import layout
 from infra.code_index import CodeIndex, code_index_from_bytes, code_index_from_file
@@ -33,19 +33,20 @@ from infra.store import NotFound, PreconditionFailed, Store
 
 FORMAT = 1  # of build.json / partial stats; bump when the partial format changes (it keys staging)
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-BUILD_FILE = "build.json"
-TRAINED_FILE = "trained.faiss"
-CLAIM_FILE = "_claim.json"
-STATS_FILE = "stats.json"
+# file names and keys are infra/layout.py's; named here too for the callers of infra.indexes
+INDEX_FILE, IDS_FILE, BUILD_FILE = layout.INDEX_FILE, layout.IDS_FILE, layout.BUILD_FILE
+TRAINED_FILE, CLAIM_FILE, STATS_FILE = layout.TRAINED_FILE, layout.CLAIM_FILE, layout.STATS_FILE
+version_key = layout.index_version_key
+staging_key_prefix = layout.index_staging_prefix
 
 
 @dataclass
 class BuildRecord:
-    """build.json: what a version holds and how it was made. Assembled by the build flow (what was
-    asked: the first block), completed by the merge and evaluation tasks; `to_dict` is the JSON.
-    Refreshes carry `based_on`, `attempt`, `delta` and (when shards went away) `removal_reason`."""
+    """build.json: what a version holds and how it was made. Created by the build or refresh flow
+    (what was asked: the first block), completed by the flow after the merge (what was built) and by
+    the evaluation task (`eval`, tuned `plan`). Every writer and reader of build.json goes through
+    `to_json` / `from_json`; the JSON field names are the attribute names. Refreshes carry `based_on`,
+    `attempt`, `delta` and (when shards went away) `removal_reason`."""
 
     # what was asked
     format: int
@@ -82,34 +83,36 @@ class BuildRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
     code_shards_read: dict[str, int] = field(default_factory=dict)
+    batch_writers: list[str] = field(default_factory=list)  # host:pid of the batch tasks that did work
     trained: dict[str, Any] | None = None
     eval: dict[str, Any] = field(default_factory=dict)
+    # keys of a build.json this code does not know (written by a newer version): kept, written back
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    _REFRESH_ONLY: ClassVar[tuple[str, ...]] = ("attempt", "delta", "removal_reason")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of build.json (refresh-only keys left out when unset)."""
         d = dataclasses.asdict(self)
-        for k in ("attempt", "delta", "removal_reason"):  # refresh-only keys
+        extra = d.pop("extra")
+        for k in self._REFRESH_ONLY:
             if d[k] is None:
                 d.pop(k)
-        return d
+        return {**extra, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_json(cls, d: dict[str, Any]) -> "BuildRecord":
+        """Read a build.json object. Builds from before 'exclude_split' was recorded left the query
+        split out: a missing 'exclude_split' reads as 'query'."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        known.setdefault("exclude_split", "query")
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (ru_maxrss; shared by concurrent threads)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def version_key(name: str, version: int, filename: str) -> str:
-    return layout.index_version_prefix(name, version) + filename
-
-
-def staging_key_prefix(name: str, digest: str) -> str:
-    """Store key prefix of one staged batch (or trained quantizer) of index `name`."""
-    return f"{layout.index_prefix(name)}_staging/{digest}/"
 
 
 def digest_of(obj: Any) -> str:
@@ -135,9 +138,9 @@ def read_current(store: Store, name: str) -> Current | None:
     return Current(int(pointer["version"]), etag, pointer)
 
 
-def read_build(store: Store, name: str, version: int) -> dict[str, Any]:
-    """build.json of a version as a dict (`BuildRecord.from_dict` for the typed view)."""
-    return json.loads(store.read_bytes(version_key(name, version, BUILD_FILE)))
+def read_build(store: Store, name: str, version: int) -> BuildRecord:
+    """build.json of a version. One GET; NotFound when the version is incomplete or absent."""
+    return BuildRecord.from_json(json.loads(store.read_bytes(version_key(name, version, BUILD_FILE))))
 
 
 def claim_version(store: Store, name: str, after: int, build_id: str, max_tries: int = 1000) -> int:
@@ -170,29 +173,28 @@ def write_version_files(store: Store, name: str, version: int, ci: CodeIndex,
     return sizes
 
 
-def write_build(store: Store, name: str, version: int, build: "BuildRecord | dict[str, Any]") -> None:
-    """build.json, the completion marker of a version (written last)."""
-    data = build.to_dict() if isinstance(build, BuildRecord) else build
+def write_build(store: Store, name: str, version: int, build: BuildRecord) -> None:
+    """build.json, the completion marker of a version (written last). One PUT."""
     store.write_bytes(version_key(name, version, BUILD_FILE),
-                      json.dumps(data, indent=1, sort_keys=True, default=str).encode())
+                      json.dumps(build.to_json(), indent=1, sort_keys=True, default=str).encode())
 
 
-def load_version(store: Store, name: str, version: int, build: dict[str, Any] | None = None,
-                 cache_dir: str | None = None) -> tuple[CodeIndex, dict[str, Any]]:
+def load_version(store: Store, name: str, version: int, build: BuildRecord | None = None,
+                 cache_dir: str | None = None) -> tuple[CodeIndex, BuildRecord]:
     """(CodeIndex, build.json) of a complete version. Without `cache_dir`: reads index.faiss into
     memory (transient ~2 × the index: the bytes and the index). With `cache_dir`: downloads
     index.faiss once to <cache_dir>/<name>/v<version>/ (kept; named by version, which never changes)
     and memory-maps it (IO_FLAG_MMAP): the codes live in the page cache, so a reload does not hold
     two private copies."""
     build = build or read_build(store, name, version)
-    plan = IndexPlan.from_dict(build["plan"])
+    plan = IndexPlan.from_dict(build.plan)
     ids = store.read_bytes(version_key(name, version, IDS_FILE))
     if cache_dir is None:
-        ci = code_index_from_bytes(plan, int(build["bits"]), store.read_bytes(version_key(name, version, INDEX_FILE)),
+        ci = code_index_from_bytes(plan, build.bits, store.read_bytes(version_key(name, version, INDEX_FILE)),
                                    ids)
     else:
         path = cached_index_file(store, name, version, cache_dir)
-        ci = code_index_from_file(plan, int(build["bits"]), path, ids, mmap=True)
+        ci = code_index_from_file(plan, build.bits, path, ids, mmap=True)
     return ci, build
 
 

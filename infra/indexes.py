@@ -15,7 +15,7 @@ Measured timings of the engines are in BENCHMARKS.md ("Index engines").
 from __future__ import annotations
 
 from encoders.metrics import tie_aware_recall  # noqa: F401
-from infra.code_index import (CodeIndex, adc_engine_for, add_codes, additive_codebooks,  # noqa: F401
+from infra.code_index import (CodeIndex, adc_engine_for, add_codes,  # noqa: F401
                               as_full_length, code_bits, code_index_from_bytes, code_index_from_file,
                               codec_of, configure_search, decode_codes, index_kind, merge_into, new_index,
                               prepare_queries, remove_parts, train_ivf)

@@ -70,6 +70,27 @@ MODELS_ROOT, CODERS_ROOT, INDEXES_ROOT, QUARANTINE_ROOT = "models/", "coders/", 
 RESULTS_ROOT = "_prefect_results/"
 
 
+def segments_under(root: str, key: str) -> list[str]:
+    """The path segments of `key` after `root` ('indexes/', 'indexes/x/v000001/ids.parquet' ->
+    ['x', 'v000001', 'ids.parquet'])."""
+    if not key.startswith(root):
+        raise ValueError(f"{key!r} is not under {root!r}")
+    return key[len(root):].split("/")
+
+
+def folder_of(key: str) -> str:
+    """The prefix holding `key` ('indexes/x/_staging/d/trained.faiss' -> 'indexes/x/_staging/d/')."""
+    return key.rsplit("/", 1)[0] + "/"
+
+
+def dataset_of(key: str) -> str:
+    """The dataset of a raw, features or codes shard key ('codes/<dataset>/<coder>/part-…' -> dataset)."""
+    for root in (RAW_ROOT, FEATURES_ROOT, CODES_ROOT):
+        if key.startswith(root):
+            return segments_under(root, key)[0]
+    raise ValueError(f"not a raw, features or codes key: {key!r}")
+
+
 def name_under(root: str, key: str, depth: int = 1) -> str:
     """The `depth` path segments of `key` after `root` ('indexes/', 'indexes/x/CURRENT' -> 'x')."""
     if not key.startswith(root):
@@ -121,8 +142,28 @@ def index_current_key(name: str) -> str:
     return f"indexes/{name}/CURRENT"
 
 
+# the files of one index version (index, ids, build record, trained quantizer, claim) and of a staged batch
+INDEX_FILE, IDS_FILE, BUILD_FILE = "index.faiss", "ids.parquet", "build.json"
+TRAINED_FILE, CLAIM_FILE, STATS_FILE = "trained.faiss", "_claim.json", "stats.json"
+
+
+def index_version_key(name: str, version: int, filename: str) -> str:
+    """One file of a version: indexes/<name>/v000007/<filename>."""
+    return index_version_prefix(name, version) + filename
+
+
+def index_staging_prefix(name: str, digest: str) -> str:
+    """One staged batch (or trained quantizer) of index `name`: indexes/<name>/_staging/<digest>/."""
+    return f"{index_prefix(name)}_staging/{digest}/"
+
+
 def manifests_prefix(stage: str, dataset: str, output_id: str) -> str:
     return f"_manifests/{stage}/{dataset}/{output_id}/"
+
+
+def announced_key(dataset: str, model_id: str) -> str:
+    """Where discovery records what it announced: {raw key: [checksum, unix time]}."""
+    return f"{manifests_prefix('discover', dataset, model_id)}announced.json"
 
 
 def manifest_key(stage: str, dataset: str, output_id: str, part: int) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from encoders.coders import Coder
 from infra import indexes as ix
 from infra import layout
 from infra.registry import load_coder
@@ -34,12 +35,12 @@ class SearchError(LookupError):
 @dataclass
 class LoadedVersion:
     """One loaded version: the index, its build.json, the coder, and id -> position lookup.
-    Memory: the index (build['plan']['memory_bytes']) + 8 bytes per item for the id order."""
+    Memory: the index (build.plan['memory_bytes']) + 8 bytes per item for the id order."""
 
     version: int
     ci: ix.CodeIndex
-    build: dict[str, Any]
-    coder: Any
+    build: ix.BuildRecord
+    coder: Coder
     id_order: np.ndarray = field(repr=False, default=None)  # argsort of ci.ids
 
     def position_of(self, item_id: int) -> int:
@@ -47,7 +48,7 @@ class LoadedVersion:
         j = np.searchsorted(ids, item_id, sorter=self.id_order)
         if j < len(ids) and ids[self.id_order[j]] == item_id:
             return int(self.id_order[j])
-        raise SearchError(f"id {item_id} is not in index {self.build['name']} v{self.version}")
+        raise SearchError(f"id {item_id} is not in index {self.build.name} v{self.version}")
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,9 @@ class Searcher:
     def _load(self, version: int) -> LoadedVersion:
         t0 = time.perf_counter()
         ci, build = ix.load_version(self.store, self.name, version, cache_dir=self.cache_dir)
-        coder, card = load_coder(self.store, build["coder_id"])
-        if card["checksum"] != build["coder_checksum"]:
-            raise SearchError(f"coder {build['coder_id']} changed since {self.name} v{version} was built; "
+        coder, card = load_coder(self.store, build.coder_id)
+        if card["checksum"] != build.coder_checksum:
+            raise SearchError(f"coder {build.coder_id} changed since {self.name} v{version} was built; "
                               f"rebuild the index")
         self.loads += 1
         LOG.info("loaded %s v%d (%s, N=%d) in %.2fs", self.name, version, ci.plan.index_type, ci.ntotal,
@@ -149,7 +150,7 @@ class Searcher:
             return self._result(lv, ix.prepare_queries(lv.ci.plan, lv.coder, lv.ci.bits, feat[None, :]), k,
                                 with_metadata, nprobe)
         if lv.ci.plan.kind == "adc":
-            raise SearchError(f"no stored feature for id {item_id} (model {lv.build.get('model_id')}); "
+            raise SearchError(f"no stored feature for id {item_id} (model {lv.build.model_id}); "
                               f"ADC indexes need it to build the query's lookup table")
         q = ix.stored_codes_at(lv.ci, np.array([pos])) if lv.ci.plan.kind == "binary" else \
             ix.stored_vectors_at(lv.ci, np.array([pos])).astype(np.float32)
@@ -178,7 +179,7 @@ class Searcher:
     def metadata(self, item_id: int, part: int, lv: LoadedVersion | None = None) -> dict[str, Any]:
         """{label, split} of `item_id` from raw/<dataset>/part-<part>.parquet (None when absent)."""
         lv = lv or self.current()
-        key = layout.raw_key(lv.build["dataset"], part)
+        key = layout.raw_key(lv.build.dataset, part)
         with self._lock:
             table = self._meta.get(key)
             if table is None:
@@ -208,10 +209,10 @@ class Searcher:
         """The stored feature (D,) float32 of `item_id`, or None if its features shard is missing."""
         lv = lv or self.current()
         part = int(lv.ci.parts[lv.position_of(item_id)])
-        model_id = lv.build.get("model_id")
+        model_id = lv.build.model_id
         if not model_id:
             return None
-        key = layout.features_key(lv.build["dataset"], model_id, part)
+        key = layout.features_key(lv.build.dataset, model_id, part)
         with self._lock:
             entry = self._feats.get(key)
             if entry is None:

@@ -53,9 +53,9 @@ def _store_failure(store: Store, key: str, e: BaseException) -> StoreError | Non
     if isinstance(e, StoreError):
         return e
     if isinstance(e, OSError) and ("AWS Error" in str(e) or e.errno is not None):
-        from infra.store import _clean
+        from infra.store import clean_error
 
-        return StoreError(f"read {store.uri_of(key)} failed: {_clean(e)}")
+        return StoreError(f"read {store.uri_of(key)} failed: {clean_error(e)}")
     return None
 
 

@@ -29,7 +29,6 @@ is a cache miss with a warning; the task then runs and its manifest check decide
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import logging
@@ -48,7 +47,7 @@ from prefect.serializers import JSONSerializer
 from infra import layout
 from infra.manifests import Manifest
 from infra.settings import Settings
-from infra.store import Store, StoreError, open_store
+from infra.store import Store, StoreError, shared_store
 
 LOG = logging.getLogger(__name__)
 # the only serializer a replayed record is read with: stdlib json, no object hook (no import, no call)
@@ -189,7 +188,7 @@ class StoreResults(WritableFileSystem):
     s3_region: str = "us-east-1"
 
     def _store(self) -> Store:
-        return store_for(Settings.load(store=self.store, s3_endpoint=self.s3_endpoint, s3_region=self.s3_region))
+        return shared_store(Settings.load(store=self.store, s3_endpoint=self.s3_endpoint, s3_region=self.s3_region))
 
     def read_path(self, path: str, _sync: bool = True) -> bytes:
         """One GET (+ one manifest GET for a shard record: `trusted_record`); raises StoreError when
@@ -212,13 +211,6 @@ class StoreResults(WritableFileSystem):
 
     async def awrite_path(self, path: str, content: bytes) -> str:
         return await anyio.to_thread.run_sync(self.write_path, path, content)
-
-
-@functools.lru_cache(maxsize=8)
-def store_for(settings: Settings) -> Store:
-    """One Store per settings and process, for cache keys and records (building an S3 client costs
-    ~50 ms; clients are thread-safe)."""
-    return open_store(settings)
 
 
 def result_storage(settings: Settings) -> StoreResults:

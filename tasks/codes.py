@@ -5,7 +5,6 @@ import hashlib
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.tasks import exponential_backoff
@@ -16,8 +15,8 @@ from infra.planner import ShardRef
 from infra.registry import RegistryError, coder_card, load_coder, register_coder
 from infra.settings import Settings
 from infra.shards import ShardInvalid, codes_table, features_matrix, read_table, validate_features
-from infra.store import Store, open_store
-from tasks.caching import ShardCache, ShardTarget, store_for
+from infra.store import Store, shared_store
+from tasks.caching import ShardCache, ShardTarget
 from tasks.stage import is_store_error, logger, run_shard_batch, run_shard_stage
 
 ENCODE_VERSION = "encode-1"
@@ -86,7 +85,7 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
     (coder_fits_features: new shards without train/val rows do not retrain it). Returns its card."""
     from encoders.coders import make_coder
 
-    store = open_store(settings)
+    store = shared_store(settings)
     coder_id = coder_id_for(method, bits, model_id)
     if not force:
         try:
@@ -123,7 +122,7 @@ def encode_code_version(card: dict[str, Any]) -> str:
 
 def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
     """encode_shard's parameters -> what it reads and writes (for its cache key; one card GET)."""
-    store, ref = store_for(inputs["settings"]), inputs["ref"]
+    store, ref = shared_store(inputs["settings"]), inputs["ref"]
     dataset, coder_id = inputs["dataset"], inputs["coder_id"]
     return ShardTarget(store, store, "encode", dataset, coder_id, ref.part, ref.key,
                        layout.codes_key(dataset, coder_id, ref.part),
@@ -137,7 +136,7 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
                  force: bool = False) -> dict[str, Any]:
     """Encode one features shard with a registered coder into codes/<dataset>/<coder_id>/part-N
     (full-length codes, stored once). Cost: the coder's encode, ~1-20 µs per item on CPU."""
-    store = open_store(settings)
+    store = shared_store(settings)
     coder, card = load_coder(store, coder_id)
 
     def work():
@@ -152,10 +151,10 @@ def encode_shard(settings: Settings, dataset: str, model_id: str, coder_id: str,
         dt = time.perf_counter() - t0
         out = codes_table(table.column("id").to_numpy(), codes)
         stats = {"encode_us_per_item": 1e6 * dt / max(1, len(x)), "bytes_per_item": int(codes.shape[1])}
-        if hasattr(coder, "ood_flag"):  # LLC: the decoded class and the OOD flag ride beside the code
-            cls, _ = coder.predict_class(x)
-            flag = coder.ood_flag(x)
-            out = out.append_column("class", pa.array(cls.astype(np.int32))).append_column("ood", pa.array(flag))
+        classes = coder.class_columns(x)
+        if classes is not None:  # LLC: the decoded class and the OOD flag ride beside the code
+            cls, flag = classes
+            out = out.append_column("class", pa.array(cls)).append_column("ood", pa.array(flag))
             stats["ood_rows"] = int(flag.sum())
         return out, stats
 

@@ -13,7 +13,7 @@ from encoders.evaluation import Split, evaluate_seeds
 from infra.features import load_features
 from infra.registry import RegistryError, coder_card, load_coder
 from infra.settings import Settings
-from infra.store import open_store
+from infra.store import shared_store
 from tasks.codes import coder_fits_features, coder_id_for
 from tasks.stage import logger
 
@@ -33,7 +33,7 @@ def evaluation_code_version() -> str:
 
 @functools.lru_cache(maxsize=2)
 def _splits(settings: Settings, dataset: str, model_id: str) -> dict[str, Any]:
-    data = load_features(open_store(settings), dataset, model_id)
+    data = load_features(shared_store(settings), dataset, model_id)
     return data
 
 
@@ -57,7 +57,7 @@ def evaluate_method(settings: Settings, dataset: str, model_id: str, variant: st
     settings' seed alone). A multi-length coder already registered for these features (e.g. by the
     pipeline's train stage) is reused for the settings' seed, with its recorded fit time. A variant
     that raises gets a row with the reason in `note`, not a failed task."""
-    store = open_store(settings)
+    store = shared_store(settings)
     data = _splits(settings, dataset, model_id)
     s = {k: Split(data[k].x, data[k].labels) for k in ("train", "val", "query")}
     seeds = list(seeds or [settings.seed])

@@ -16,8 +16,8 @@ from infra.planner import ShardRef
 from infra.registry import load_backbone, model_card
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, features_table, iter_batches, open_parquet
-from infra.store import open_store
-from tasks.caching import ShardCache, ShardTarget, store_for
+from infra.store import shared_store
+from tasks.caching import ShardCache, ShardTarget
 from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_batch, run_shard_stage
 
 EXTRACT_VERSION = "extract-1"
@@ -30,7 +30,7 @@ def code_version(card: dict[str, Any]) -> str:
 
 def _cache_target(inputs: dict[str, Any]) -> ShardTarget:
     """extract_shard's parameters -> what it reads and writes (for its cache key; one card GET)."""
-    store, ref = store_for(inputs["settings"]), inputs["ref"]
+    store, ref = shared_store(inputs["settings"]), inputs["ref"]
     dataset, model_id = inputs["dataset"], inputs["model_id"]
     return ShardTarget(store, store, "extract", dataset, model_id, ref.part, ref.key,
                        layout.features_key(dataset, model_id, ref.part), code_version(model_card(store, model_id)))
@@ -46,7 +46,7 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
     Streams the shard by record batches of `settings.batch_size` rows (decode + forward per batch),
     so memory ~ one batch of images + one shard of features. Bad rows quarantine the shard.
     """
-    store = open_store(settings)
+    store = shared_store(settings)
     device = settings.torch_device()
     backbone, card = load_backbone(store, model_id, device=device)
     if device == "cpu":
@@ -91,7 +91,7 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
         if not np.isfinite(feats).all():
             raise ShardInvalid(ref.key, "model produced NaN/Inf features")
         # the id range lets the flow check ids across shards without reading them (check_ids_across_shards)
-        return features_table(ids, feats), {"dim": int(feats.shape[1]), "pid": os.getpid(),
+        return features_table(ids, feats), {"dim": int(feats.shape[1]),
                                             "id_min": int(ids.min()), "id_max": int(ids.max())}
 
     outcome = run_shard_stage(store, stage="extract", dataset=dataset, output_id=model_id, ref=ref,
@@ -114,7 +114,7 @@ def check_ids_across_shards(settings: Settings, dataset: str, model_id: str,
                             outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """After every shard finished: a features shard sharing ids with an earlier part is quarantined
     (see tasks.stage.quarantine_duplicate_ids); returns the outcomes with those marked."""
-    return quarantine_duplicate_ids(open_store(settings), stage="extract", dataset=dataset, output_id=model_id,
+    return quarantine_duplicate_ids(shared_store(settings), stage="extract", dataset=dataset, output_id=model_id,
                                     outcomes=outcomes,
                                     output_key=functools.partial(layout.features_key, dataset, model_id))
 

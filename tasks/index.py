@@ -8,10 +8,9 @@ shards it touched (tests check the same against the store's process-wide read co
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import os
-import threading
 import time
 from typing import Any
 
@@ -28,24 +27,11 @@ from infra.planner import ShardRef
 from infra.registry import load_coder
 from infra.settings import Settings
 from infra.shards import ShardInvalid, codes_matrix, features_matrix, open_parquet, validate_codes
-from infra.store import Store, StoreError, open_store
+from infra.store import Store, StoreError, shared_store
 from tasks.stage import is_store_error, logger
 
 INDEX_CODE_VERSION = "index-1"  # part of every staging digest: bump when partials change meaning
 MAX_EVAL_PARTS = 4              # ADC evaluation reads the features of at most this many shards
-
-_STORES: dict[tuple, Store] = {}
-_STORES_LOCK = threading.Lock()
-
-
-def _store(settings: Settings) -> Store:
-    """One store per process and location: an S3 client costs ~0.2 s to create and is thread-safe,
-    so the tasks of a run (and of later runs in a worker) share it."""
-    key = (settings.store, settings.s3_endpoint, settings.s3_region, settings.s3_retries)
-    with _STORES_LOCK:
-        if key not in _STORES:
-            _STORES[key] = open_store(settings)
-        return _STORES[key]
 
 
 def read_code_shard(store: Store, ref: ShardRef, nbytes: int,
@@ -70,7 +56,7 @@ def split_mask(store: Store, ref: ShardRef, ids: np.ndarray, split: str) -> np.n
     """Rows of a codes shard whose raw row is not in `split`. Reads only the id and split columns
     of the raw shard with the same part number; None (keep all) when there is no such shard or no
     split column."""
-    dataset = ref.key.split("/")[1]
+    dataset = layout.dataset_of(ref.key)
     try:
         pf = open_parquet(store, layout.raw_key(dataset, ref.part))
         if "split" not in pf.schema_arrow.names:
@@ -87,7 +73,7 @@ def split_mask(store: Store, ref: ShardRef, ids: np.ndarray, split: str) -> np.n
 def count_rows(settings: Settings, refs: list[ShardRef]) -> list[int]:
     """Rows of each shard from its Parquet footer (one small range read per shard; 0 if unreadable:
     the batch task records why)."""
-    store = _store(settings)
+    store = shared_store(settings)
     out = []
     for ref in refs:
         try:
@@ -106,7 +92,7 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     index. Skipped when already staged. Returns rows and niter (build.json 'trained').
     Memory: the sample (its codes and decoded floats) plus the k-means state."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     want, niter = ix.ivf_train_rows(p.nlist), ix.IVF_TRAIN_NITER
@@ -160,7 +146,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     so a rerun after a kill reuses a staged batch instead of reading its shards again.
     Memory ~ 3 × the batch's codes (the codes, the partial index, its serialised bytes)."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     digest = ix.digest_of({"format": ix.FORMAT, "code": INDEX_CODE_VERSION, "type": p.index_type,
@@ -217,7 +203,7 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     and ids.parquet (build.json comes from `evaluate_version`). Peak memory ~ 2 × the final index
     (the index and its serialised bytes) + one partial. Returns the version and counts."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, _ = load_coder(store, coder_id)
     t0 = time.perf_counter()
@@ -263,17 +249,20 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
 
 @task(name="evaluate_version", retries=2, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=is_store_error)
-def evaluate_version(settings: Settings, name: str, version: int, build: dict[str, Any],
+def evaluate_version(settings: Settings, name: str, version: int, build_json: dict[str, Any],
                      eval_parts: list[int] | None = None, queries: int = ix.QUERIES, k: int = 10) -> dict[str, Any]:
     """Measure recall@k (tie-aware, against the coder's exact ranking) and p50/p99 latency with
     `queries` sampled database items (from `eval_parts` when given), then write build.json: the
-    version is complete. An exact index below EXACT_RECALL_GATE raises IndexBuildError (the flow
-    discards the version). ADC queries need stored features: at most 4 features shards are read."""
+    version is complete. `build_json` and the result are `BuildRecord.to_json()` forms (task
+    parameters and results stay JSON). An exact index below EXACT_RECALL_GATE raises
+    IndexBuildError (the flow discards the version). ADC queries need stored features: at most 4
+    features shards are read."""
     log = logger()
-    store = _store(settings)
+    store = shared_store(settings)
     t0 = time.perf_counter()
+    build = ix.BuildRecord.from_json(build_json)
     ci, _ = ix.load_version(store, name, version, build)
-    coder, card = load_coder(store, build["coder_id"])
+    coder, card = load_coder(store, build.coder_id)
     rng = np.random.default_rng(version)
     eligible = np.flatnonzero(np.isin(ci.parts, eval_parts)) if eval_parts else np.arange(ci.ntotal)
     if not len(eligible):
@@ -285,27 +274,27 @@ def evaluate_version(settings: Settings, name: str, version: int, build: dict[st
     positions = np.sort(rng.choice(eligible, min(queries, len(eligible)), replace=False))
     if ci.plan.kind == "adc":
         feats = _features_for(store, build, ci, positions)
-    target = build.get("recall_target") or ix.RECALL_TARGET
+    target = build.recall_target or ix.RECALL_TARGET
     ev = ix.evaluate(ci, coder, positions, feats, k=k, tune_target=None if ci.plan.exact else target, seed=version)
     ev["seconds"] = time.perf_counter() - t0
     recall = ev.get(f"recall_at_{k}")
     if ci.plan.exact and recall is not None and recall < ix.EXACT_RECALL_GATE:
         raise ix.IndexBuildError(f"index {name} v{version} ({ci.plan.index_type}) disagrees with the coder's "
                                  f"own ranking: recall@{k} = {recall:.4f} < {ix.EXACT_RECALL_GATE}; not published")
-    full = {**build, "version": version, "eval": ev}
+    full = dataclasses.replace(build, version=version, eval=ev)
     if "tuning" in ev:  # searchers take nprobe / efSearch from the plan in build.json
         key = "nprobe" if ci.plan.needs_training else "ef_search"
-        full["plan"] = {**build["plan"], key: ev["tuning"]["value"]}
+        full.plan = {**build.plan, key: ev["tuning"]["value"]}
     ix.write_build(store, name, version, full)
     log.info("index %s v%d: recall@%d %s, p50 %s ms, p99 %s ms", name, version, k, recall,
              ev.get("p50_ms"), ev.get("p99_ms"))
-    return full
+    return full.to_json()
 
 
-def _features_for(store: Store, build: dict[str, Any], ci: ix.CodeIndex, positions: np.ndarray) -> np.ndarray | None:
+def _features_for(store: Store, build: ix.BuildRecord, ci: ix.CodeIndex, positions: np.ndarray) -> np.ndarray | None:
     """Stored features (nq, D) of the items at `positions`, read from their features shards; None
     when the features are not in the store (the evaluation is then skipped)."""
-    dataset, model_id = build.get("dataset"), build.get("model_id")
+    dataset, model_id = build.dataset, build.model_id
     if not model_id:
         return None
     want_ids, want_parts = ci.ids[positions], ci.parts[positions]

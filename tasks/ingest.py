@@ -17,7 +17,7 @@ from infra.manifests import Manifest, done_manifest, write_manifest
 from infra.planner import ShardRef
 from infra.settings import Settings
 from infra.shards import features_table, normalise_raw, read_table, validate_features, validate_raw, write_table
-from infra.store import StoreError, open_store
+from infra.store import StoreError, shared_store
 from tasks.stage import is_store_error, logger, run_shard_stage
 
 LOADERS = {
@@ -91,7 +91,7 @@ def ingest_vector_shard(settings: Settings, dataset: str, part: int, start: int,
     ingest manifest (features first, raw last; both record partition `date`). Skipped when both
     manifests match. There is no extract stage for such a dataset: the vectors are the features.
     Cost: one slice copy (~2 MB per 10,000 x 50 rows) and two Parquet writes; memory ~ one shard."""
-    store = open_store(settings)
+    store = shared_store(settings)
     src = vector_source(dataset, limit)
     fkey, rkey = layout.features_key(dataset, src.model_id, part), layout.raw_key(dataset, part)
     fman = layout.manifest_key("ingest", dataset, src.model_id, part)
@@ -137,7 +137,7 @@ def ingest_shard(settings: Settings, dataset: str, part: int, start: int, stop: 
     """Write rows [start, stop) of a packaged dataset as raw/<dataset>/part-NNNNN.parquet; its
     manifest records partition `date` (YYYY-MM-DD). Skips when the manifest matches the fingerprint
     (the shard keeps the date it landed with). Cost: PNG-encode ~30 µs per 28x28 image."""
-    store = open_store(settings)
+    store = shared_store(settings)
     key = layout.raw_key(dataset, part)
     mkey = layout.manifest_key("ingest", dataset, "-", part)
     input_checksum = f"{fingerprint}:{start}:{stop}"
@@ -164,8 +164,8 @@ def import_shard(settings: Settings, dataset: str, source_uri: str, ref: ShardRe
     column from `splits_key` when the source has none; its manifest records partition `date`.
     Bad shards (wrong types, values the raw schema cannot hold, null ids/labels/splits) are
     quarantined under the dataset and source. Cost: one read and one write of the shard."""
-    store = open_store(settings)
-    source = open_store(settings, uri=source_uri)
+    store = shared_store(settings)
+    source = shared_store(settings, uri=source_uri)
 
     def work():
         table = read_table(source, ref.key)

@@ -100,8 +100,9 @@ def run_shard_stage(store: Store, *, stage: str, dataset: str, output_id: str, r
     record_committed(stage=stage, dataset=dataset, output_id=output_id, part=ref.part, input_etag=checksum,
                      manifest_etag=manifest_etag, output_etag=out_checksum, code_version=code_version,
                      outcome=skipped_outcome(store, manifest).as_dict())
+    # the run summary names who did the work by the manifest's writer (host:pid), not a copy in stats
     return ShardOutcome(stage, ref.part, "done", table.num_rows, store.uri_of(output_key), seconds,
-                        stats=stats)
+                        stats={**stats, "writer": manifest.writer})
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def undo_failed_write(store: Store, mkey: str, output_key: str, prior: Committed
 
 def skipped_outcome(store: Store, m: Manifest) -> ShardOutcome:
     """The outcome of a shard that `m` proves done; its recorded stats (id range, dim) still describe
-    the output, except 'pid', which named the run that wrote it."""
+    the output, except 'pid', which older manifests recorded for the run that wrote it."""
     carried = {k: v for k, v in m.stats.items() if k != "pid"}
     return ShardOutcome(m.stage, m.part, "skipped", m.rows, store.uri_of(m.output_key), stats=carried)
 

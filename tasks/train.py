@@ -13,7 +13,7 @@ from infra.planner import select_shards
 from infra.registry import RegistryError, model_card, register_model
 from infra.settings import Settings
 from infra.shards import read_table
-from infra.store import Store, open_store
+from infra.store import Store, shared_store
 from tasks.stage import logger
 
 
@@ -58,7 +58,7 @@ def train_backbone(settings: Settings, dataset: str, arch: str, model_id: str, e
     from encoders.backbones import ClassifierHead, build_backbone
     from encoders.training import train_classifier
 
-    store = open_store(settings)
+    store = shared_store(settings)
     if not force:
         try:
             card = model_card(store, model_id)

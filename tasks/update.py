@@ -18,7 +18,7 @@ from infra import layout
 from infra.registry import (RegistryError, coder_card, load_backbone, load_coder, load_model_state, model_card,
                             move_pointer, read_pointer, register_model, write_card)
 from infra.settings import Settings
-from infra.store import Store, open_store
+from infra.store import Store, shared_store
 from tasks.codes import coder_id_for
 from tasks.stage import logger
 from tasks.train import read_labelled_images
@@ -65,7 +65,7 @@ def train_candidate(settings: Settings, dataset: str, old_model_id: str, arch: s
     from encoders.compat import CompatConfig, train_compatible
     from encoders.selection import selection_record
 
-    store = open_store(settings)
+    store = shared_store(settings)
     old_card = model_card(store, old_model_id)
     old_bb, _ = load_backbone(store, old_model_id)
     old_head = ClassifierHead(old_bb.feature_dim, int(old_card["num_classes"]))
@@ -115,7 +115,7 @@ def measure_compatibility(settings: Settings, dataset: str, old_model_id: str, n
     from encoders.backbones import embed_pixels
     from encoders.compat import compat_matrix
 
-    store = open_store(settings)
+    store = shared_store(settings)
     new_bb, _ = load_backbone(store, new_model_id)
     if split == "val":
         imgs = read_labelled_images(store, dataset, ("train", "val"))
@@ -159,7 +159,7 @@ def decide_update_gate(val: dict[str, Any], max_flip_rate: float | None):
 def record_decision(settings: Settings, new_model_id: str, decision, reported: dict[str, Any]) -> dict[str, Any]:
     """Write the decision record into the candidate's card: the gate (val numbers), the reported
     query matrix (floats and codes), status 'shipped' or 'refused'. Returns the card."""
-    store = open_store(settings)
+    store = shared_store(settings)
     card = model_card(store, new_model_id)
     rep = reported["matrix"]
     rep.max_negative_flip_rate = decision.max_negative_flip_rate
@@ -176,7 +176,7 @@ def record_decision(settings: Settings, new_model_id: str, decision, reported: d
 @task(name="move_query_model")
 def move_query_model(settings: Settings, dataset: str, new_model_id: str, old_model_id: str) -> dict[str, Any]:
     """Point the dataset's query-model pointer at `new_model_id` (conditional write on its ETag)."""
-    store = open_store(settings)
+    store = shared_store(settings)
     pointer, etag = read_pointer(store, query_model_pointer(dataset))
     value = {"model_id": new_model_id, "parent": old_model_id, "moved_at": time.time(),
              "previous": (pointer or {}).get("model_id", old_model_id)}

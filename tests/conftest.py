@@ -32,6 +32,18 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss (OpenMP) on 1 thread for a module's tests: on shared cores spin-waiting makes faiss
+    training 10-40x slower, and one thread makes OPQ / k-means bit-reproducible."""
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server for the session (STACK.md: the 30 s default start-up times out here).

@@ -249,8 +249,8 @@ def published(store: Store) -> dict[str, dict]:
         files = {f: store.head(ix.version_key(name, cur.version, f)) for f in (ix.INDEX_FILE, ix.IDS_FILE)}
         assert all(files.values()), f"{name} v{cur.version}: {files}"
         ci, _ = ix.load_version(store, name, cur.version, build)
-        assert ci.ntotal == build["n"] == len(np.unique(ci.ids)), f"{name}: duplicate ids in the index"
-        out[name] = {"version": cur.version, "n": build["n"], "ids": np.sort(ci.ids),
+        assert ci.ntotal == build.n == len(np.unique(ci.ids)), f"{name}: duplicate ids in the index"
+        out[name] = {"version": cur.version, "n": build.n, "ids": np.sort(ci.ids),
                      **{f: h.etag for f, h in files.items()}}
     return out
 

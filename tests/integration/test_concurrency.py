@@ -90,7 +90,7 @@ def test_conditional_put_whose_response_is_lost_still_wins(prefect_server, s3_se
         assert proxy.match.puts == 2 and proxy.counts["drop_response"] == 4
     assert (s["status"], s["version"]) == ("published", 1), s
     cur = ix.read_current(direct, "lost")
-    assert cur.version == 1 and ix.read_build(direct, "lost", 1)["n"] == 4 * ROWS
+    assert cur.version == 1 and ix.read_build(direct, "lost", 1).n == 4 * ROWS
     assert Searcher(direct, "lost", poll_seconds=0).search(synthetic(range(1))[1][:2], k=5).version == 1
 
 
@@ -120,7 +120,7 @@ def test_searchers_follow_current_while_refreshes_publish(prefect_server, s3_set
                 res = s.search(queries, k=10, with_metadata=False)
                 lv = s._versions[res.version]  # the version this answer came from
                 n = parts_of[res.version] * ROWS
-                assert lv.version == res.version and lv.ci.ntotal == lv.build["n"] == n, (res.version, lv.ci.ntotal)
+                assert lv.version == res.version and lv.ci.ntotal == lv.build.n == n, (res.version, lv.ci.ntotal)
                 parts = (res.ids - 1_000_000) // 1000
                 assert (res.ids >= 0).all() and parts.max() < parts_of[res.version], res.ids
                 with lock:

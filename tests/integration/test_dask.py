@@ -1,13 +1,13 @@
 """The extract flow on a real Dask LocalCluster with 2 worker processes (prefect-dask)."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from flows.extract_features import extract_features
 from flows.ingest import ingest
+from infra.manifests import writer
 from infra.runners import task_runner
 from infra.settings import Settings
 from infra.store import open_store
@@ -28,7 +28,7 @@ def test_extract_on_dask_local_cluster(prefect_server, s3_settings):
     s = flow("digits", "test-cnn", settings={**cfg, "runner": "dask"})
     assert (s["done"], s["rows"], s["failed"]) == (5, 1797, [])
     # the work ran in worker processes, not in this one
-    assert s["workers"] and os.getpid() not in s["workers"]
+    assert s["workers"] and writer() not in s["workers"]
     ids, feats = features_by_id(store, "digits", "test-cnn")
     assert len(np.unique(ids)) == 1797
     # same features as the thread runner would produce (rerun with --force on threads, compare)

@@ -118,7 +118,7 @@ def test_new_shards_drive_the_chain_to_a_new_index_version(tmp_path):
             while True:
                 cur = ix.read_current(store, INDEX)
                 if cur.version > v1:
-                    inputs = {layout.part_of(i["key"]) for i in ix.read_build(store, INDEX, cur.version)["inputs"]}
+                    inputs = {layout.part_of(i["key"]) for i in ix.read_build(store, INDEX, cur.version).inputs}
                     if 6 in inputs:
                         break
                 assert time.monotonic() - t0 < CHAIN_BOUND_S, (

@@ -82,4 +82,4 @@ def test_failed_forced_rewrites_keep_committed_work_and_refresh_refuses_to_shrin
     # ... unless the removal is stated, and build.json records why
     r = refresh_index("digits-itq", settings=cfg, allow_removal="part 0 withdrawn")
     assert r["status"] == "published" and 0 < r["n"] < 1597
-    assert ix.read_build(store, "digits-itq", r["version"])["removal_reason"] == "part 0 withdrawn"
+    assert ix.read_build(store, "digits-itq", r["version"]).removal_reason == "part 0 withdrawn"

@@ -28,7 +28,8 @@ from infra.registry import register_coder
 from infra.search import Searcher
 from infra.settings import Settings
 from infra.shards import codes_table, features_table, write_table
-from infra.store import Store, open_store
+from infra.store import open_store
+from infra.store_counts import ACCESS
 from flows.cli import main as cli
 from tests.conftest import settings_dict
 from tests.helpers import register_untrained_cnn
@@ -94,7 +95,7 @@ def assert_equals_coder_ranking(res, coder, db_ids, db_codes, queries, k=10):
 def code_reads_since(store, coder_id: str, before: collections.Counter) -> set[str]:
     """Code shard keys read by anything in this process (every task's store) since `before`."""
     prefix = store.uri_of(layout.codes_prefix(DATASET, coder_id))
-    return {k[len(store.uri_of("")):] for k, n in Store.reads.items() if k.startswith(prefix) and n > before[k]}
+    return {k[len(store.uri_of("")):] for k, n in ACCESS.reads().items() if k.startswith(prefix) and n > before[k]}
 
 
 def staged(store, name):
@@ -119,12 +120,12 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     assert (s["status"], s["version"], s["n"], s["index_type"]) == ("published", 1, 6000, ix.BINARY_FLAT)
     assert s["recall_at_10"] == 1.0 and s["batches"] == {"total": 5, "done": 5, "skipped": 0}
     b = ix.read_build(store, "synth-itq", 1)
-    assert b["n"] == 6000 and b["index_bytes"] > 6000 * 4 and b["bits"] == 32 and b["coder_id"] == "itq-test"
-    assert set(b["seconds"]) >= {"train", "add_wall", "add_tasks", "merge", "eval", "total"}
-    assert b["peak_rss_bytes"]["merge"] > 0 and b["eval"]["queries"] == ix.QUERIES and b["eval"]["p99_ms"] > 0
-    assert [i["part"] for i in b["inputs"]] == list(range(20))
-    assert all(i["checksum"] == store.head(i["key"]).etag for i in b["inputs"])
-    assert set(b["code_shards_read"]) == {layout.codes_key(DATASET, "itq-test", p) for p in range(20)}
+    assert b.n == 6000 and b.index_bytes > 6000 * 4 and b.bits == 32 and b.coder_id == "itq-test"
+    assert set(b.seconds) >= {"train", "add_wall", "add_tasks", "merge", "eval", "total"}
+    assert b.peak_rss_bytes["merge"] > 0 and b.eval["queries"] == ix.QUERIES and b.eval["p99_ms"] > 0
+    assert [i["part"] for i in b.inputs] == list(range(20))
+    assert all(i["checksum"] == store.head(i["key"]).etag for i in b.inputs)
+    assert set(b.code_shards_read) == {layout.codes_key(DATASET, "itq-test", p) for p in range(20)}
     assert not staged(store, "synth-itq")
     keys = {i.key.rsplit("/", 1)[-1] for i in store.list(layout.index_version_prefix("synth-itq", 1))}
     assert keys == {"_claim.json", "index.faiss", "ids.parquet", "build.json"}
@@ -158,7 +159,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
 
     # -- refresh after adding 2 shards (10%): reads only those -----------------------------------
     write_parts(store, coders, range(20, 22))
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     r = refresh_index("synth-itq", settings=cfg)
     new_keys = {layout.codes_key(DATASET, "itq-test", p) for p in (20, 21)}
     assert (r["status"], r["version"], r["n"], r["based_on"]) == ("published", 2, 6600, 1)
@@ -169,7 +170,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     db_ids, db_x, db_codes = all_codes(itq, range(22))
     assert_equals_coder_ranking(res2, itq, db_ids, db_codes, queries)
     # nothing new: up to date, no code shard read
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     again = cli_json(capsys, "index", "refresh", "--name", "synth-itq", settings=s3_settings)
     assert not code_reads_since(store, "itq-test", before)
     assert (again["status"], again["version"], again["code_shards_read"]) == ("up-to-date", 2, {})
@@ -177,7 +178,7 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     # -- a changed shard and a deleted shard: their old rows go, the changed one is re-read ----------
     write_parts(store, {"itq-test": itq}, range(3, 4), seed=7)
     store.delete(layout.codes_key(DATASET, "itq-test", 5))
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     with pytest.raises(ix.IndexBuildError, match="allow_removal"):  # a shrink needs a stated reason
         refresh_index("synth-itq", settings=cfg)
     assert ix.read_current(store, "synth-itq").version == 2
@@ -188,8 +189,8 @@ def test_build_search_refresh_on_s3(prefect_server, s3_settings, capsys, tmp_pat
     assert len(np.unique(ci.ids)) == 6300 and not (ci.parts == 5).any()
     new3 = synthetic(range(3, 4), seed=7)[0]
     np.testing.assert_array_equal(np.sort(ci.ids[ci.parts == 3]), np.sort(new3))
-    assert b3["delta"]["changed"] == [layout.codes_key(DATASET, "itq-test", 3)]
-    assert b3["removal_reason"] == "part 5 withdrawn by the test"
+    assert b3.delta["changed"] == [layout.codes_key(DATASET, "itq-test", 3)]
+    assert b3.removal_reason == "part 5 withdrawn by the test"
 
 
 def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
@@ -204,9 +205,9 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
 
     s = build_index(DATASET, "pq-test", 32, "synth-pq", shards_per_task=3, settings=cfg)
     assert (s["status"], s["index_type"], s["recall_at_10"], s["n"]) == ("published", ix.PQ_LUT, 1.0, 2400)
-    invalid = ix.read_build(store, "synth-pq", 1)["invalid"]
+    invalid = ix.read_build(store, "synth-pq", 1).invalid
     assert [i["key"] for i in invalid] == [bad] and "not a readable codes shard" in invalid[0]["reason"]
-    before = collections.Counter(Store.reads)
+    before = ACCESS.reads()
     assert refresh_index("synth-pq", settings=cfg)["status"] == "up-to-date"  # unchanged: not re-read
     assert not code_reads_since(store, "pq-test", before)
     res = Searcher(store, "synth-pq").search(queries, k=10)
@@ -217,18 +218,18 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
     assert f["index_type"] == ix.IVF_FLAT and f["recall_at_10"] >= 0.95, f
     b1 = ix.read_build(store, "synth-float-ivf", 1)
     # the k-means sample size and iterations are recorded: the plan's rows per list, capped by N
-    assert b1["trained"]["rows"] == min(ix.ivf_train_rows(b1["plan"]["nlist"]), b1["n"]) > 0
-    assert b1["trained"]["niter"] == ix.IVF_TRAIN_NITER
+    assert b1.trained["rows"] == min(ix.ivf_train_rows(b1.plan["nlist"]), b1.n) > 0
+    assert b1.trained["niter"] == ix.IVF_TRAIN_NITER
     assert store.head(ix.version_key("synth-float-ivf", 1, ix.TRAINED_FILE)) is not None
     write_parts(store, {"float-test": coders["float-test"]}, range(8, 9))
     r = refresh_index("synth-float-ivf", settings=cfg)  # IVF: new rows go into the trained lists
     assert (r["status"], r["n"]) == ("published", 2700) and r["recall_at_10"] >= 0.95
-    assert ix.read_build(store, "synth-float-ivf", 2)["trained"]["rows"] == b1["trained"]["rows"]  # kept
+    assert ix.read_build(store, "synth-float-ivf", 2).trained["rows"] == b1.trained["rows"]  # kept
     # IVF cannot drop the rows of a changed shard: the refresh does a (documented) full rebuild
     write_parts(store, {"float-test": coders["float-test"]}, range(0, 1), seed=3)
     rb = refresh_index("synth-float-ivf", settings=cfg)
     assert (rb["status"], rb["version"], rb["n"], rb["based_on"]) == ("published", 3, 2700, None)
-    assert ix.read_build(store, "synth-float-ivf", 3)["mode"] == "build"
+    assert ix.read_build(store, "synth-float-ivf", 3).mode == "build"
 
     with pytest.raises(ix.IndexBudgetError, match="raise --memory-budget or use a shorter code"):
         build_index(DATASET, "pq-test", 32, "synth-pq-small", memory_budget="10KB", settings=cfg)
@@ -336,12 +337,12 @@ def test_ivf_pq_from_a_factory_string_is_tuned_published_and_searched_memory_map
                     shards_per_task=3, settings=cfg)
     assert (s["status"], s["index_type"], s["n"]) == ("published", ix.IVF_PQ, 2400) and s["recall_at_10"] >= 0.9
     b = ix.read_build(store, "synth-ivfpq", 1)
-    assert b["plan"]["factory"] == "IVF32,PQ4x8" and b["index_type_requested"] == "IVF32,PQ4x8"
-    assert b["plan"]["nprobe"] == b["eval"]["tuning"]["value"] == b["eval"]["nprobe"] and b["recall_target"] == 0.9
-    assert b["eval"]["queries"] <= ix.QUERIES
+    assert b.plan["factory"] == "IVF32,PQ4x8" and b.index_type_requested == "IVF32,PQ4x8"
+    assert b.plan["nprobe"] == b.eval["tuning"]["value"] == b.eval["nprobe"] and b.recall_target == 0.9
+    assert b.eval["queries"] <= ix.QUERIES
     mm = Searcher(store, "synth-ivfpq", cache_dir=str(tmp_path / "cache"))
     lv = mm.current()
-    assert lv.ci.index.nprobe == b["plan"]["nprobe"]
+    assert lv.ci.index.nprobe == b.plan["nprobe"]
     assert (tmp_path / "cache" / "synth-ivfpq" / "v000001" / ix.INDEX_FILE).exists()
     exhaustive = mm.search(queries, k=10, nprobe=32, with_metadata=False)
     ref = Searcher(store, "synth-pq-flat").search(queries, k=10, with_metadata=False)

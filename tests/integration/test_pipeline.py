@@ -37,7 +37,7 @@ def test_pipeline_on_dask_then_rerun_skips_everything(prefect_server, s3_setting
         writers = _writers(store, stage)
         assert len(writers) >= 2 and here not in writers, (stage, writers)
     for idx in out["indexes"]:
-        batch_writers = set(ix.read_build(store, idx["name"], idx["version"])["batch_writers"])
+        batch_writers = set(ix.read_build(store, idx["name"], idx["version"]).batch_writers)
         assert len(batch_writers) >= 2 and here not in batch_writers, (idx["name"], batch_writers)
     assert {c["coder_id"] for c in out["coders"]} == {"drq-16-digits-small-cnn", "itq-16-digits-small-cnn",
                                                        "float-digits-small-cnn"}

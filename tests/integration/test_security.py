@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from infra.settings import REPO_ROOT, Settings
-from infra.store import StoreError, _clean, open_store
+from infra.store import StoreError, clean_error, open_store
 
 SKIP_DIRS = {".venv", ".git", ".codeshard", "build", "dist", "node_modules", "__pycache__"}
 PRODUCT = ("encoders", "infra", "tasks", "flows")
@@ -151,7 +151,7 @@ def test_store_uses_the_callers_credentials(seaweed, s3_settings, monkeypatch):
     with pytest.raises(StoreError) as e:
         open_store(s3_settings).check()
     assert "SignatureDoesNotMatch" in str(e.value) and canary not in str(e.value)
-    assert _clean(RuntimeError(f"boom {canary}")) == "boom ****"
+    assert clean_error(RuntimeError(f"boom {canary}")) == "boom ****"
 
 
 def _cli(args, env, timeout=180):

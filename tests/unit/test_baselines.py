@@ -1,4 +1,5 @@
-"""encoders/baselines.py: mechanics of the training-free coders on synthetic data (shapes, bytes,
+"""encoders/baselines.py (sign_coders, pq_coders, float_coder, faiss_codes): mechanics of the
+training-free coders on synthetic data (shapes, bytes,
 determinism, state round trip, exact ADC, faiss binary layout) and one quality ordering (ITQ >= LSH)."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from encoders.baselines import adc_scores, pack_signs
 from encoders.coders import CODERS, Coder, coder_from_state, make_coder
 from encoders.metrics import mean_average_precision
+from tests.synthetic import SyntheticDataset
 
 METHODS = ["lsh", "pca-rr", "itq", "pq", "opq", "float"]
 BINARY = ["lsh", "pca-rr", "itq"]
@@ -23,45 +25,7 @@ ADC = ["pq", "opq"]
 FAST = {"itq": {"iters": 10}, "pq": {"niter": 8}, "opq": {"niter": 8, "opq_iters": 4}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread_faiss():
-    # On shared cores OpenMP spin-waiting makes faiss training 10-40x slower; one thread is also
-    # what makes OPQ / k-means bit-reproducible.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticDataset:
-    """Clustered features: class centres in a random `rank`-dim subspace of R^d plus noise, offset
-    from the origin (like post-ReLU features). Splits train / database / query, with labels."""
-
-    d: int = 64
-    nt: int = 4000
-    nb: int = 2000
-    nq: int = 100
-    classes: int = 10
-    rank: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        rng = np.random.default_rng(self.seed)
-        basis = np.linalg.qr(rng.standard_normal((self.d, self.rank)))[0]
-        centres = 2.0 * rng.standard_normal((self.classes, self.rank)) @ basis.T + 3.0
-        n = self.nt + self.nb + self.nq
-        labels = rng.integers(0, self.classes, n)
-        x = (centres[labels] + rng.standard_normal((n, self.rank)) @ basis.T
-             + 0.3 * rng.standard_normal((n, self.d))).astype(np.float32)
-        object.__setattr__(self, "x", x)
-        object.__setattr__(self, "labels", labels)
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        bounds = {"train": (0, self.nt), "database": (self.nt, self.nt + self.nb),
-                  "query": (self.nt + self.nb, self.nt + self.nb + self.nq)}
-        a, b = bounds[name]
-        return self.x[a:b], self.labels[a:b]  # type: ignore[attr-defined]
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""encoders/compat.py: prototypes, Dual-Tuning / BCT losses, tie-aware AP, matrix, gain, gate."""
+"""encoders/compat.py, compat_losses.py, compat_matrix.py: prototypes, Dual-Tuning / BCT losses, tie-aware AP, matrix, gain, gate."""
 import dataclasses
 
 import numpy as np
@@ -11,13 +11,7 @@ from encoders import compat as C
 from encoders.backbones import SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 1 thread: deterministic and, on a shared loaded box, faster than OpenMP spinning on 2.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- prototypes
@@ -104,7 +98,7 @@ def test_synthesize_classifier_extends_old_rows_with_prototypes():
     torch.testing.assert_close(ext.bias[2], old.bias.detach().mean())
     from encoders.backbones import ClassifierHead
     head = ClassifierHead(2, 2)
-    assert C._single_linear(head) is head.fc and C._single_linear(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) is None
+    assert C.single_linear(head) is head.fc and C.single_linear(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) is None
 
 
 def test_projection_maps_wide_to_old_dim():

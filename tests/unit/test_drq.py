@@ -1,4 +1,4 @@
-"""encoders/drq.py: one DRQ model gives every code length as an exact prefix; encoding is
+"""encoders/drq.py, drq_model.py, drq_train.py: one DRQ model gives every code length as an exact prefix; encoding is
 deterministic and survives a state round trip bit for bit; ADC scores equal brute-force scores of
 the reconstructions (and faiss's residual-quantizer LUT search on the same bytes); bad lengths fail
 loudly. Tiny synthetic data, a few seconds in all."""
@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 
 from encoders.coders import coder_from_state, make_coder
 from encoders.drq import DRQCoder, DRQConfig, pack_levels, unpack_levels
+from tests.synthetic import blob_centres, blobs
 
 TINY = dict(dim=8, hidden=16, epochs_embed=3, epochs_level0=1, epochs_all=2, batch_size=128)
 
 
 def synthetic(n: int = 900, d: int = 16, classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = 3.0 * rng.standard_normal((classes, d))
-    labels = rng.integers(0, classes, n)
-    return (centres[labels] + rng.standard_normal((n, d))).astype(np.float32), labels
+    """`n` rows over `classes` blobs (centres N(0, 3²)), shuffled."""
+    x, y = blobs(blob_centres(classes, d, 3.0), -(-n // classes), seed, shuffle=True)
+    return x[:n], y[:n]
 
 
 @pytest.fixture(scope="module")

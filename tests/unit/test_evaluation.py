@@ -3,13 +3,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from encoders.coders import CODERS, Coder, FitReport, register
 from encoders.evaluation import VARIANTS, Split, evaluate_variant, ood_report
-from encoders.llc import LLCCoder, LLCConfig, pack_signs
+from encoders.llc import LLCCoder, LLCConfig
+from encoders.llc_model import pack_signs
 from encoders.metrics import hamming_scores
 from encoders.ood import auroc, fpr_at_tpr
+from tests.synthetic import blobs
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,19 +80,12 @@ def test_ood_report_refuses_an_empty_side():
         ood_report(coder, rows([0, 1]), np.zeros((0, 1), np.float32))
 
 
-def blobs(centers: np.ndarray, n_per: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(len(centers)), n_per)
-    return (centers[y] + rng.normal(size=(len(y), centers.shape[1]))).astype(np.float32), y.astype(np.int64)
-
-
-def test_ood_report_on_a_real_llc_coder():
+def test_ood_report_on_a_real_llc_coder(one_torch_thread):
     centers = np.random.default_rng(123).normal(scale=4.0, size=(6, 10))
     x, y = blobs(centers[:4], 100, 0)  # classes 0-3 in distribution
     vx, vy = blobs(centers[:4], 30, 1)
     x_in, _ = blobs(centers[:4], 50, 2)
     x_out, _ = blobs(centers[4:], 50, 3)  # two classes never seen
-    torch.set_num_threads(1)
     coder = LLCCoder(LLCConfig(bits=6, hidden=16, epochs_class=15, epochs_instance=10, batch_size=64,
                                lr=1e-2, patience=20))
     coder.fit(x, y, (vx, vy))

@@ -1,22 +1,17 @@
 """encoders/gsl.py: the snapping layer's geometry, the quantizer, the three modes, state."""
 import io
 
-import faiss
 import numpy as np
 import pytest
 import torch
 
 from encoders.coders import coder_from_state, make_coder
 from encoders.gsl import GSLCoder, GSLConfig, GradientSnap, PQQuantizer, gradient_snap, project_out
+from tests import synthetic
 
 
 def blobs(n_per=150, n_classes=4, d=12, seed=0):
-    centers = np.random.default_rng(123).normal(scale=3.0, size=(n_classes, d))
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(n_classes), n_per)
-    x = centers[y] + rng.normal(size=(len(y), d))
-    perm = rng.permutation(len(y))
-    return x[perm].astype(np.float32), y[perm]
+    return synthetic.blobs(synthetic.blob_centres(n_classes, d, 3.0), n_per, seed, shuffle=True)
 
 
 TINY = dict(bits=16, dim=8, hidden=16, epochs=2, batch_size=64, refit_every=4, refit_sample=300,
@@ -91,9 +86,7 @@ def test_quantizer_torch_reconstruction_and_adc_match_faiss(opq):
 
 
 @pytest.fixture(scope="module")
-def data():
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+def data(one_torch_thread, one_faiss_thread):
     return blobs(), blobs(n_per=75, seed=1)
 
 

@@ -291,7 +291,9 @@ def test_versions_are_claimed_once_and_current_moves_only_from_what_was_read(tmp
     coder, codes = coders["itq"]
     ci = build_in_memory(coder, codes, 32)
     ix.write_version_files(store, "idx", v1, ci)
-    ix.write_build(store, "idx", v1, {"plan": ci.plan.as_dict(), "bits": 32, "name": "idx"})
+    ix.write_build(store, "idx", v1, ix.BuildRecord(
+        format=ix.FORMAT, name="idx", mode="build", dataset="d", coder_id="itq", coder_checksum="c", method="itq",
+        model_id=None, bits=32, memory_budget=2**30, version=v1, plan=ci.plan.as_dict()))
     cur = ix.commit_current(store, "idx", v1, None, "a")
     with pytest.raises(PreconditionFailed):
         ix.commit_current(store, "idx", v2, None, "b")  # If-None-Match: CURRENT exists

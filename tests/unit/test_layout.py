@@ -38,3 +38,20 @@ def test_import_keys_hold_the_dataset_and_source():
     assert layout.import_shard_key("ds", a, "part-00000.parquet") != layout.import_shard_key("ds", b, "part-00000.parquet")
     assert layout.import_quarantine_name("ds1", a, "k") != layout.import_quarantine_name("ds2", a, "k")
     assert layout.import_splits_key("ds", a) != layout.import_splits_key("ds", b)
+
+
+def test_index_files_staging_and_discovery_keys_are_built_here():
+    assert layout.index_version_key("x", 7, layout.BUILD_FILE) == "indexes/x/v000007/build.json"
+    assert layout.index_staging_prefix("x", "abc") == "indexes/x/_staging/abc/"
+    assert layout.announced_key("d", "m") == "_manifests/discover/d/m/announced.json"
+
+
+def test_keys_are_parsed_here():
+    assert layout.dataset_of(layout.codes_key("d", "itq", 3)) == "d"
+    assert layout.dataset_of(layout.raw_key("d2", 0)) == "d2"
+    with pytest.raises(ValueError, match="not a raw, features or codes key"):
+        layout.dataset_of("models/m/card.json")
+    assert layout.folder_of(layout.index_staging_prefix("x", "t") + layout.TRAINED_FILE) == "indexes/x/_staging/t/"
+    assert layout.segments_under(layout.INDEXES_ROOT, "indexes/x/v000001/ids.parquet") == ["x", "v000001", "ids.parquet"]
+    with pytest.raises(ValueError, match="is not under"):
+        layout.segments_under(layout.RAW_ROOT, "codes/d/c/part-00000.parquet")

@@ -1,4 +1,4 @@
-"""encoders/llc.py: straight-through class codes, phase order, Hamming search, OOD flag, state."""
+"""encoders/llc.py, llc_model.py, llc_train.py: straight-through class codes, phase order, Hamming search, OOD flag, state."""
 import io
 
 import numpy as np
@@ -6,27 +6,24 @@ import pytest
 import torch
 
 from encoders.coders import coder_from_state, make_coder
-from encoders.llc import (LLCCoder, LLCConfig, SignSTE, Trunk, decoding_radius, min_pairwise_hamming,
-                          pack_signs, sign_ste, train_instance_codes, unpack_bits)
+from encoders.llc import LLCCoder, LLCConfig
+from encoders.llc_model import SignSTE, Trunk, decoding_radius, min_pairwise_hamming, pack_signs, sign_ste, unpack_bits
+from encoders.llc_train import train_instance_codes
+from tests import synthetic
 
 
 def blobs(n_per=100, n_classes=4, d=10, seed=0):
-    centers = np.random.default_rng(123).normal(scale=4.0, size=(n_classes, d))
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(n_classes), n_per)
-    x = centers[y] + rng.normal(size=(len(y), d))
-    perm = rng.permutation(len(y))
-    return x[perm].astype(np.float32), (y[perm] * 3 + 1).astype(np.int64)  # non-contiguous labels
+    x, y = synthetic.blobs(synthetic.blob_centres(n_classes, d, 4.0), n_per, seed, shuffle=True)
+    return x, y * 3 + 1  # non-contiguous labels
 
 
 TINY = dict(bits=6, hidden=16, epochs_class=15, epochs_instance=10, batch_size=64, lr=1e-2, patience=20)
 
 
 @pytest.fixture(scope="module")
-def fitted():
+def fitted(one_torch_thread):
     x, y = blobs()
     vx, vy = blobs(n_per=30, seed=1)
-    torch.set_num_threads(1)
     coder = LLCCoder(LLCConfig(**TINY))
     report = coder.fit(x, y, (vx, vy))
     return coder, report, x, y, vx, vy
@@ -42,7 +39,7 @@ def test_sign_ste_forward_is_sign_and_gradient_passes_through():
 
 
 def test_class_code_layer_uses_signed_weights():
-    from encoders.llc import ClassCodeLayer
+    from encoders.llc_model import ClassCodeLayer
     layer = ClassCodeLayer(5, 3)
     z = torch.randn(4, 5, requires_grad=True)
     logits = layer(z)
@@ -87,7 +84,7 @@ def test_packing_is_faiss_layout():
 
 
 def test_spread_codebook_initialisation_has_distinct_codes():
-    from encoders.llc import ClassCodeLayer, spread_codebook
+    from encoders.llc_model import ClassCodeLayer, spread_codebook
     cb = spread_codebook(10, 6, torch.Generator().manual_seed(0))
     assert min_pairwise_hamming(cb.numpy()) >= 2  # 10 codes in 6 bits: 2 is the best possible
     layer = ClassCodeLayer(6, 10, torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Store faults and secrets (infra/store.py, infra/redact.py, infra/settings.py): credentials in
+"""Store faults and secrets (infra/store*.py, infra/redact.py, infra/settings.py): credentials in
 URIs refused and masked, a dead store fails fast (breaker), a read-only store reported, the
 original write error kept, object files readable like any other file, search k >= 1."""
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_a_dead_store_fails_fast_after_consecutive_failures(monkeypatch):
 
 
 def test_the_breaker_closes_on_an_answer_and_tasks_do_not_retry_it():
-    from infra.store import StoreBreaker
+    from infra.store_breaker import StoreBreaker
     from tasks.stage import is_store_error
 
     b = StoreBreaker("s3://b/p", threshold=2)
@@ -144,7 +144,7 @@ def test_a_cleanup_error_does_not_hide_the_write_error(tmp_path, monkeypatch, ca
 
 
 def test_local_objects_get_the_umask_permissions(tmp_path):
-    from infra.store import FILE_MODE
+    from infra.store_local import FILE_MODE
 
     store = LocalStore(tmp_path / "store")
     store.write_bytes("raw/d/part-00000.parquet", b"x")
