@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# GPU=1 (on every make command, or exported): the GPU build, faiss-gpu and torch's CUDA build (README "GPU").
+GPU ?=
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
@@ -15,9 +17,21 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
+	rm -f $(VENV)/.installed $(VENV)/.installed-gpu
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# faiss-cpu and faiss-gpu both install the module `faiss`: never both. After a GPU build, remove
+	# both (their files overlap) and let the next line put back the one this build wants first.
+	if $(BIN)/pip show -q faiss-gpu 2>/dev/null; then $(BIN)/pip uninstall -q -y faiss-gpu faiss-cpu; fi
 	# exact versions from constraints.txt (torch 2.13.0: the local CPU wheel); one resolve installs everything
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+ifeq ($(GPU),1)
+	# the GPU build: faiss-cpu swapped for faiss-gpu (CUDA 12 runtime wheels), torch 2.13.0's CUDA build
+	# (CUDA 13 wheels) instead of the local CPU wheel ('!=2.13.0+cpu'); `pip check` then names the
+	# missing faiss-cpu: expected, faiss-gpu provides the same module
+	$(BIN)/pip uninstall -q -y faiss-cpu
+	$(BIN)/pip install -q -c constraints.txt faiss-gpu==1.15.1 'torch==2.13.0,!=2.13.0+cpu'
+	$(BIN)/python -c 'import faiss, torch; print("GPU build: faiss", faiss.__version__, "GPUs", faiss.get_num_gpus(), "| torch", torch.__version__, "CUDA", torch.cuda.is_available())'
+endif
 	touch $(STAMP)
 
 install: $(STAMP)

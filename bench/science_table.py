@@ -3,6 +3,11 @@
     PYTHONPATH=. python bench/science_table.py --protocol seen    [--seeds 0,1,2] [--out DIR]
     PYTHONPATH=. python bench/science_table.py --protocol unseen
     PYTHONPATH=. python bench/science_table.py --protocol wordnet
+    PYTHONPATH=. python bench/science_table.py --protocol seen --rows drq,drq-levels,drq-per-length
+        (only those rows, one gallery; OUT/science_seen_drq+drq-levels+drq-per-length.{md,json}, and a
+         .jsonl of every finished row as it lands)
+    PYTHONPATH=. python bench/science_table.py --combine 'DIR/*.jsonl' [--out DIR]
+        (one table from the .jsonl rows of several runs, e.g. one process per seed on a busy machine)
 
 Features: bench/features_cache.py (/tmp/sci/*.npz). Settings: the defaults, i.e. the val-selected ones
 (encoders/selection.py; bench/select_on_val.py). Nothing here selects: query rows are scored once.
@@ -24,6 +29,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +68,11 @@ def splits(protocol: str, root: Path) -> tuple[dict[str, Split], dict[str, Split
     return out, no_train
 
 
-def run_seed(sp, no_train, bits, seed, log) -> list[EvalRow]:
+def run_seed(sp, no_train, bits, seed, log, only: set[str] | None = None,
+             partial: Path | None = None) -> list[EvalRow]:
+    """Every row of the table for one seed (`only`: the rows whose name before " (" is listed, without
+    the second gallery). `partial`: each finished row is appended there as a JSON line, so a run cut
+    short still leaves what it measured."""
     tr, va, q, db = sp["train"], sp["val"], sp["query"], sp["database"]
     rows: list[EvalRow] = []
 
@@ -73,11 +83,17 @@ def run_seed(sp, no_train, bits, seed, log) -> list[EvalRow]:
         return c, time.perf_counter() - t0
 
     def add(name, make, lengths, extra_gallery=False):
+        if only is not None and name.split(" (")[0] not in only:
+            return None
         t0 = time.time()
         try:
             coder, fit_s = make()
-            rows.extend(_rows_of(coder, name, tr, va, q, db, None, fit_s, 100, lengths))
-            if extra_gallery and no_train is not None:
+            new = _rows_of(coder, name, tr, va, q, db, None, fit_s, 100, lengths)
+            rows.extend(new)
+            if partial is not None:
+                with partial.open("a") as f:
+                    f.writelines(json.dumps({"seed": seed, **asdict(r)}, default=float) + "\n" for r in new)
+            if extra_gallery and no_train is not None and only is None:
                 rows.extend(_rows_of(coder, name + " [gallery w/o train]", tr, va, q, no_train["database"], None,
                                      fit_s, 100, lengths))
             log(f"  seed {seed} {name} {lengths}: {time.time() - t0:.0f} s")
@@ -98,6 +114,10 @@ def run_seed(sp, no_train, bits, seed, log) -> list[EvalRow]:
         add("itq", lambda: fit("itq", b), [b], extra_gallery=True)
         add("pq", lambda: fit("pq", b), [b], extra_gallery=True)
     drq = add("drq", lambda: fit("drq", max(bits)), list(bits), extra_gallery=True)
+    add("drq-levels (per-level codebooks, no scalars)", lambda: fit("drq", max(bits), codebooks="per-level"),
+        list(bits))
+    for b in sorted(bits)[:-1]:  # one model serves every length vs a model per length (at max(bits) it IS the drq model)
+        add("drq-per-length", lambda: fit("drq", b), [b])
     if drq is not None:
         add("drq-emb (DRQ's float ceiling)", lambda: _fit_view(EmbeddingCoder(drq), tr), None)
         for b in bits:
@@ -122,6 +142,18 @@ def _fit_view(v, tr):
     t0 = time.perf_counter()
     v.fit(tr.x, tr.labels)
     return v, time.perf_counter() - t0
+
+
+def combined_rows(pattern: str) -> list[list[EvalRow]]:
+    """EvalRows of every .jsonl file matching `pattern`, grouped by seed (one list per seed)."""
+    import glob
+
+    by_seed: dict[int, list[EvalRow]] = defaultdict(list)
+    for path in sorted(glob.glob(pattern)):
+        for line in Path(path).read_text().splitlines():
+            d = json.loads(line)
+            by_seed[d.pop("seed")].append(EvalRow(**d))
+    return [by_seed[k] for k in sorted(by_seed)]
 
 
 def aggregate(per_seed: list[list[EvalRow]]) -> list[dict]:
@@ -196,10 +228,31 @@ def claims(agg: list[dict]) -> list[str]:
         cmp(("drq", b), ("drq-emb+pq", b), f"DRQ@{b} > PQ on DRQ's own embedding @{b} (the quantiser's gain)")
         cmp(("drq", b), ("drq-emb+rq", b), f"DRQ@{b} > plain RQ on DRQ's own embedding @{b}")
         cmp(("llc", b), ("itq", 2 * b), f"LLC@{b} > ITQ@{2 * b}")
+        cmp(("drq", b), ("drq-levels (per-level codebooks, no scalars)", b),
+            f"DRQ@{b} > per-level codebooks @{b} (the shared codebook's gain)")
+        cmp(("drq", b), ("drq-per-length", b), f"DRQ (one model)@{b} vs a model trained for {b} bits")
     for b in GSL_BITS:
         cmp(("gsl", b), ("gsl-none", b), f"GSL@{b} > gsl-none@{b}")
         cmp(("gsl", b), ("gsl-qloss", b), f"GSL@{b} > gsl-qloss@{b} (matched strength)")
     return out
+
+
+def fit_times(agg: list[dict]) -> str:
+    """Training seconds of the DRQ models, mean ± std over seeds: one model serves every length, a
+    per-length model serves one (their sum is what per-length training costs)."""
+    first = {}
+    for r in agg:
+        if r["n_seeds"] and r["method"].startswith("drq") and "emb" not in r["method"]:
+            first.setdefault(r["method"] if r["method"] != "drq-per-length" else (r["method"], r["bits"]), r)
+    lines = ["| DRQ model | fit s (mean ± std) |", "|---|---|"]
+    for k, r in first.items():
+        name = k if isinstance(k, str) else f"{k[0]} {k[1]} bits"
+        lines.append(f"| {name} | {r['fit_s']:.0f} ± {r['fit_s_std']:.0f} |")
+    per_len = [r for k, r in first.items() if not isinstance(k, str)]
+    if per_len and "drq" in first:  # the longest per-length model is the drq model itself
+        total = sum(r["fit_s"] for r in per_len) + first["drq"]["fit_s"]
+        lines.append(f"| a model per length, all {len(per_len) + 1} (the longest is drq) | {total:.0f} |")
+    return "\n".join(lines)
 
 
 def plot(agg: list[dict], protocol: str) -> bytes:
@@ -220,15 +273,25 @@ def main() -> int:
     ap.add_argument("--bits", default="8,16,32,64")
     ap.add_argument("--features", default="/tmp/sci")
     ap.add_argument("--out", default="/tmp/sci")
+    ap.add_argument("--rows", help="comma-separated row names (before ' ('): run only those")
+    ap.add_argument("--combine", help="glob of .jsonl row files: aggregate them into one table, run nothing")
     ap.add_argument("--plot", help="only redraw: read OUT/science_PROTOCOL.json, write this PNG")
     a = ap.parse_args()
     if a.plot:
         agg = json.loads(Path(a.out, f"science_{a.protocol}.json").read_text())
         Path(a.plot).write_bytes(plot(agg, a.protocol))
         return 0
+    bits = [int(b) for b in a.bits.split(",")]
+    if a.combine:
+        agg = aggregate(combined_rows(a.combine))
+        text = "\n\n".join([markdown(agg, bits, f"{a.protocol} protocol, combined from {a.combine}"), detail(agg),
+                             "\n".join(claims(agg)), fit_times(agg)])
+        Path(a.out, f"science_{a.protocol}_combined.md").write_text(text + "\n")
+        Path(a.out, f"science_{a.protocol}_combined.json").write_text(json.dumps(agg, indent=1))
+        print(text)
+        return 0
     torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")]
-    bits = [int(b) for b in a.bits.split(",")]
     sp, no_train = splits(a.protocol, Path(a.features))
     t0 = time.time()
 
@@ -237,14 +300,18 @@ def main() -> int:
 
     log(f"{a.protocol}: train {len(sp['train'].labels)}, val {len(sp['val'].labels)}, query {len(sp['query'].labels)}, "
         f"gallery {len(sp['database'].labels)}, classes {len(np.unique(sp['train'].labels))}")
-    per_seed = [run_seed(sp, no_train, bits, s, log) for s in seeds]
+    only = set(a.rows.split(",")) if a.rows else None
+    stem = f"science_{a.protocol}" + ("_" + a.rows.replace(",", "+") if only else "")
+    partial = Path(a.out, f"{stem}_{'+'.join(map(str, seeds))}.jsonl")
+    per_seed = [run_seed(sp, no_train, bits, s, log, only, partial) for s in seeds]
     agg = aggregate(per_seed)
     title = (f"{a.protocol} protocol: mAP@all, mean ± std over seeds {seeds} (query vs gallery; "
              f"val-selected settings)")
-    text = "\n\n".join([markdown(agg, bits, title), detail(agg), "\n".join(claims(agg))])
-    Path(a.out, f"science_{a.protocol}.md").write_text(text + "\n")
-    Path(a.out, f"science_{a.protocol}.json").write_text(json.dumps(agg, indent=1))
-    Path(a.out, f"science_{a.protocol}.png").write_bytes(plot(agg, a.protocol))
+    text = "\n\n".join([markdown(agg, bits, title), detail(agg), "\n".join(claims(agg)), fit_times(agg)])
+    Path(a.out, f"{stem}.md").write_text(text + "\n")
+    Path(a.out, f"{stem}.json").write_text(json.dumps(agg, indent=1))
+    if not only:
+        Path(a.out, f"{stem}.png").write_bytes(plot(agg, a.protocol))
     print(text)
     log("done")
     return 0

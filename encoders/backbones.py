@@ -28,11 +28,19 @@ GREY_MEAN, GREY_STD = 0.286, 0.353
 
 
 def grey_preprocess(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(n, H, W) uint8 0..255 -> (n, 1, H, W) float32, standardised."""
+    """(n, H, W) uint8 0..255 -> (n, 1, H, W) float32, standardised; (n, H, W, 3) RGB pixels ->
+    (n, 3, H, W) the same way (channels_last strides: no copy of the layout)."""
     x = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, torch.Tensor) else pixels)
-    if x.ndim != 3:
-        raise ValueError(f"expected (n, H, W) pixels, got shape {tuple(x.shape)}")
-    return ((x.float() / 255.0 - GREY_MEAN) / GREY_STD).unsqueeze(1)
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
+        raise ValueError(f"expected (n, H, W) grey or (n, H, W, 3) RGB pixels, got shape {tuple(x.shape)}")
+    x = (x.float() / 255.0 - GREY_MEAN) / GREY_STD
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D image batch in channels_last memory format (oneDNN's fast convolution layout on CPU;
+    the same values as NCHW up to float rounding); other tensors unchanged. Copies once when needed."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -187,15 +195,18 @@ class Backbone:
 
 def embed_pixels(module: nn.Module, preprocess: Callable[[np.ndarray], torch.Tensor],
                  pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Run `module(preprocess(batch))` over (n, H, W) uint8 pixels in eval mode, no gradients.
-    Restores the module's train/eval mode afterwards. Returns (n, D) float32."""
+    """Run `module(preprocess(batch))` over (n, H, W[, C]) uint8 pixels in eval mode, no autograd,
+    inputs channels_last on the module's device. Restores the module's train/eval mode afterwards.
+    Returns (n, D) float32 on the host."""
+    device = next(module.parameters()).device
     was_training = module.training
     module.eval()
     out = []
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for i in range(0, len(pixels), batch_size):
-                out.append(module(preprocess(pixels[i:i + batch_size])).float().numpy())
+                x = channels_last(preprocess(pixels[i:i + batch_size]).to(device))
+                out.append(module(x).float().cpu().numpy())
     finally:
         module.train(was_training)
     if not out:
@@ -204,8 +215,9 @@ def embed_pixels(module: nn.Module, preprocess: Callable[[np.ndarray], torch.Ten
 
 
 def _efficientnet_preprocess(pixels) -> torch.Tensor:
-    # The module itself resizes and scales; keep 0..255 values here.
-    return torch.as_tensor(np.asarray(pixels)).float()
+    # The module itself resizes and scales; keep 0..255 values here. (n, H, W, 3) colour -> (n, 3, H, W).
+    x = torch.as_tensor(np.asarray(pixels)).float()
+    return x.permute(0, 3, 1, 2) if x.ndim == 4 and x.shape[-1] == 3 else x
 
 
 ARCHS = ("small-cnn", "wide-cnn", "efficientnet-lite0", "minilm")

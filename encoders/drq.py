@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from encoders.coders import Coder, FitReport, register
-from encoders.drq_model import DRQConfig, DRQNet, pack_levels, unpack_levels
+from encoders.drq_model import DRQConfig, DRQNet, make_net, pack_levels, unpack_levels
 from encoders.drq_train import fit_threads, train_net
 from encoders.metrics import mean_average_precision
 
@@ -79,6 +79,11 @@ class DRQCoder(Coder):
             raise RuntimeError("drq: coder is not fitted; call fit() or from_state() first")
         return self.net
 
+    def _require_shared(self) -> DRQNet:
+        if self.config.codebooks != "shared":
+            raise ValueError("drq: one lookup table per query needs the shared codebook (codebooks='shared')")
+        return self._require_fit()
+
     def additive_codebooks(self, bits: int) -> tuple[np.ndarray, int, str] | None:
         """(levels, K, dim) codebooks s_m·C, log2(K) bits per level and the score ('ip' | 'l2') of the
         codes at `bits`: z_hat = sum_m s_m C[b_m]. None when the score is not additive ('cos')."""
@@ -86,9 +91,8 @@ class DRQCoder(Coder):
             return None
         net, levels = self._require_fit(), self._levels_for(bits)
         with torch.no_grad():
-            cb = net.codebook.detach().cpu().numpy().astype(np.float32)
-            s = net.scales(levels).detach().cpu().numpy().astype(np.float32).reshape(-1)
-        return np.stack([s[m] * cb for m in range(levels)]), self.config.bits_per_level, self.config.score
+            cbs = net.level_codebooks(levels).detach().cpu().numpy().astype(np.float32)
+        return cbs, self.config.bits_per_level, self.config.score
 
     def query_space(self, queries: np.ndarray) -> np.ndarray:
         """Queries in the space of the additive codebooks: their embeddings (`embed`)."""
@@ -182,7 +186,7 @@ class DRQCoder(Coder):
     @torch.no_grad()
     def lookup_tables(self, queries: np.ndarray) -> np.ndarray:
         """(nq, D_in) -> (nq, K) T[k] = <q_emb, C_k>: one table serves every level (shared codebook)."""
-        net = self._require_fit()
+        net = self._require_shared()
         return (torch.from_numpy(self.embed(queries)) @ net.codebook.T).numpy()
 
     def lut_scores(self, queries: np.ndarray, codes: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -192,7 +196,7 @@ class DRQCoder(Coder):
 
     @torch.no_grad()
     def _lut_ip(self, qe: np.ndarray, codes: np.ndarray, bits: int | None) -> np.ndarray:
-        net = self._require_fit()
+        net = self._require_shared()
         b = self.decode_levels(codes, bits)
         s = net.scales(b.shape[1]).numpy()
         tables = (torch.from_numpy(qe) @ net.codebook.T).numpy()
@@ -234,7 +238,7 @@ class DRQCoder(Coder):
         levels = self._levels_for(bits)
         qe = self.embed(queries)
         score = self.config.score
-        use_gemm = self.config.dim <= 64 * levels
+        use_gemm = self.config.dim <= 64 * levels or self.config.codebooks != "shared"  # tables: shared C only
         if score == "l2":
             qe *= 2  # -||q - z||^2 = 2<q, z> - ||z||^2 - 1 for unit q: one GEMM, one subtraction
         if use_gemm or score != "ip":
@@ -256,6 +260,8 @@ class DRQCoder(Coder):
         st = self.state()
         st["config"]["levels"] = levels
         st["level_scales"] = st["level_scales"][: levels - 1].clone()
+        if self.config.codebooks == "per-level":
+            st["codebook"] = st["codebook"][:levels].clone()
         return DRQCoder.from_state(st)
 
     def state(self) -> dict[str, Any]:
@@ -272,7 +278,7 @@ class DRQCoder(Coder):
         if state.get("method") != "drq":
             raise ValueError(f"drq: state is for method {state.get('method')!r}")
         coder = cls(DRQConfig(**state["config"]))
-        net = DRQNet(int(state["d_in"]), coder.config)
+        net = make_net(int(state["d_in"]), coder.config)
         keys = set(net.state_dict())
         net.load_state_dict({k: state[k] for k in keys})
         net.eval()

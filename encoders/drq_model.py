@@ -39,6 +39,7 @@ class DRQConfig:
     quant_weight: float = 1.0       # weight of the quantisation losses against the similarity loss
     prefix_loss: bool = True        # average quantisation losses over every prefix length
     finetune_embedding: bool = True  # keep training the MLP during the codebook stages
+    codebooks: str = "shared"       # "shared" (C + scalars, DRQ) or "per-level" (ablation: encoders/drq_levels.py)
     epochs_embed: int = 30
     epochs_level0: int = 5
     epochs_all: int = 15
@@ -60,6 +61,8 @@ class DRQConfig:
             raise ValueError(f"drq: assign must be 'l2' or 'cos', got {self.assign!r}")
         if self.score not in ("ip", "l2", "cos"):
             raise ValueError(f"drq: score must be 'ip', 'l2' or 'cos', got {self.score!r}")
+        if self.codebooks not in ("shared", "per-level"):
+            raise ValueError(f"drq: codebooks must be 'shared' or 'per-level', got {self.codebooks!r}")
 
     @property
     def bits_per_level(self) -> int:
@@ -166,5 +169,18 @@ class DRQNet(nn.Module):
         """(n, L) level indices -> (n, D) z_hat = sum_m s_m C[b_m]."""
         s = self.scales(b.shape[1])
         return torch.einsum("nld,l->nd", self.codebook[b], s)
+
+    def level_codebooks(self, levels: int) -> torch.Tensor:
+        """(levels, K, D) the codebook each level draws from: s_m C."""
+        return self.scales(levels)[:, None, None] * self.codebook[None]
+
+
+def make_net(d_in: int, cfg: DRQConfig) -> DRQNet:
+    """The network for `cfg.codebooks`: DRQ's shared codebook, or the per-level ablation."""
+    if cfg.codebooks == "per-level":
+        from encoders.drq_levels import PerLevelDRQNet  # the ablation subclasses DRQNet
+
+        return PerLevelDRQNet(d_in, cfg)
+    return DRQNet(d_in, cfg)
 
 

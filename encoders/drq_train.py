@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.coders import require_classes
-from encoders.drq_model import DRQConfig, DRQNet
+from encoders.drq_model import DRQConfig, DRQNet, make_net
 
 
 def _similarity_loss(cfg: DRQConfig, z: torch.Tensor, y: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig) -> tuple[DR
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    net = DRQNet(x.shape[1], cfg)
+    net = make_net(x.shape[1], cfg)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
     net.mean.copy_(xt.mean(0))
     net.inv_std.copy_(1.0 / xt.std(0).clamp_min(1e-6))
@@ -128,8 +128,11 @@ def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig) -> tuple[DR
     # codebook init: k-means of the embeddings; scales by greedy least squares
     with torch.no_grad():
         z_all = net.embed(xt)
-        net.codebook.copy_(torch.from_numpy(_kmeans(z_all.numpy(), cfg.codebook_size, cfg.seed)))
-        _init_scales(net, z_all)
+        if cfg.codebooks == "per-level":
+            net.init_codebooks(z_all, cfg.seed)  # plain residual-quantisation init (encoders/drq_levels.py)
+        else:
+            net.codebook.copy_(torch.from_numpy(_kmeans(z_all.numpy(), cfg.codebook_size, cfg.seed)))
+            _init_scales(net, z_all)
 
     # stage 2: level 0 of the codebook; stage 3: all levels (+ scales). The embedding keeps
     # training (similarity + quantisation losses) at lr/10 when finetune_embedding.

@@ -105,7 +105,9 @@ SELECTIONS: dict[str, dict[str, Any]] = {
                                    {"params": {"proto_weight": 0.0, "mutual_weight": 1.0}, "val_score": 0.6166},
                                    {"params": {"proto_weight": 1.0, "mutual_weight": 1.0}, "val_score": 0.6301}],
                     "chosen": {"proto_weight": 1.0, "mutual_weight": 1.0},
-                    "notes": "one seed; BCT 0.6174, independent 0.1288 on the same val matrix"},
+                    "notes": "seed 0; BCT 0.6174, independent 0.1288 on the same val matrix. Over seeds 0-2: "
+                             "both 0.6377 +- 0.0090, prototype only 0.6233 +- 0.0099, structure only 0.6288 +- "
+                             "0.0166, BCT 0.6301 +- 0.0173 (ties; both passed the gate on 3 of 3 seeds)"},
     "llc": _grid("llc", "proxy_temperature", _T + [0.0], [0.7992, 0.8010, 0.8043, 0.8103, 0.8042, 0.8062],
                  {"proxy_temperature": 0.4}, "16 bits; 0.0 = the paper's unnormalised logits z . B_c"),
 }

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from flows.limits import ensure_heavy_limit
 from flows.progress import gather, publish_summary, summarize
 from infra import layout
+from infra.devices import shard_threads, torch_threads
 from infra.planner import parse_shard_ranges, select_shards
 from infra.registry import model_card
 from infra.runners import SettingsTaskRunner
@@ -35,9 +36,13 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
         raise ValueError(f"no raw shards for dataset {dataset!r} in {store.uri}"
                          f"{' range ' + shards if shards else ''}: run `codeshard ingest {dataset}` first")
     log.info("extract %s with %s (%s): %d shards", dataset, model_id, card["arch"], len(refs))
-    futures, parts = submit_shard_tasks(cfg, extract_shard, extract_shards, refs, dataset, model_id, force=force)
+    # torch threads once for the task threads this run starts (they inherit it), restored afterwards
+    with torch_threads(shard_threads(cfg.max_workers)):
+        futures, parts = submit_shard_tasks(cfg, extract_shard, extract_shards, refs, dataset, model_id,
+                                            force=force)
+        done = gather(futures, "extract", parts)
     # ids are unique across shards: a shard repeating an earlier part's ids is quarantined
-    outcomes = check_ids_across_shards(cfg, dataset, model_id, gather(futures, "extract", parts))
+    outcomes = check_ids_across_shards(cfg, dataset, model_id, done)
     summary = summarize("extract", outcomes)
     summary["model_id"] = model_id
     publish_summary(summary, key=layout.artifact_key("extract", dataset, model_id))

@@ -231,15 +231,18 @@ def load_digits() -> RawDataset:
 def assign_splits(labels: np.ndarray, is_test: np.ndarray, seed: int = 0,
                   query_per_class: int = 100, train_per_class: int = 1000,
                   val_per_class: int = 200) -> np.ndarray:
-    """Label each row 'query', 'train', 'val' or 'database'. Pure and deterministic.
+    """Label each row 'query', 'train', 'val' or 'database'. Pure and deterministic; O(n * classes).
 
-    Per class c (each with its own RNG seeded by (seed, c), so adding a class does not move
-    the others): `query_per_class` rows drawn from the test part of c; when the dataset has no
-    test part at all (is_test all False) they are drawn from all rows of c. Then
-    `train_per_class` and `val_per_class` rows drawn from the rows of c that are neither test nor
-    query. Every other row is 'database'. A class with too few rows gets what exists, in the
-    order query, train, val (a class with no test rows in a dataset that has a test part gets
-    no queries). The searched gallery is every row whose split != 'query'.
+    Per class c (each with its own RNG seeded by (seed, c), so adding a class does not move the
+    others). With a test part (any is_test): queries come from c's test rows, train and val rows
+    from its other rows (test rows are never train or val). Without one: all rows of c serve all
+    three. Every row not drawn is 'database'; the searched gallery is every row whose split != 'query'.
+
+    A class with enough rows gets exactly the requested counts. A smaller class is shared by
+    `small_class_counts`: one row to train first, then one to val, then one to query, and the rest in
+    proportion to the requested counts. So every class with a val or query row has train rows: a
+    class whose pool has no row for train (with a test part: no non-test row) gets no val and no
+    query rows, only 'database' (selection on val and the seen-class protocol need the class in train).
     Returns a (n,) array of str (dtype '<U8').
     """
     labels = np.asarray(labels)
@@ -248,19 +251,48 @@ def assign_splits(labels: np.ndarray, is_test: np.ndarray, seed: int = 0,
         raise ValueError(f"labels {labels.shape} and is_test {is_test.shape} must be equal 1-d")
     if min(query_per_class, train_per_class, val_per_class) < 0:
         raise ValueError("per-class counts must be >= 0")
+    if train_per_class == 0 and query_per_class + val_per_class > 0:
+        raise ValueError("train_per_class must be >= 1: a class's val and query rows need train rows of it")
     has_test = bool(is_test.any())
     split = np.full(len(labels), "database", dtype="<U8")
     for c in np.unique(labels):
         rng = np.random.default_rng([int(seed), int(c) & 0xFFFFFFFF, int(c) >> 32 & 0xFFFFFFFF])
         in_c = labels == c
-        q_pool = np.flatnonzero(in_c & is_test) if has_test else np.flatnonzero(in_c)
-        q = rng.permutation(q_pool)[:query_per_class]
+        if has_test:
+            pool, q_pool = np.flatnonzero(in_c & ~is_test), np.flatnonzero(in_c & is_test)
+            n_tr, n_va = small_class_counts(len(pool), (train_per_class, val_per_class))
+            n_q = min(query_per_class, len(q_pool)) if n_tr else 0
+        else:
+            pool = q_pool = np.flatnonzero(in_c)
+            n_tr, n_va, n_q = small_class_counts(len(pool), (train_per_class, val_per_class, query_per_class))
+        q = rng.permutation(q_pool)[:n_q]  # draw order as before the small-class rule: full classes keep their rows
         split[q] = "query"
-        rest = np.flatnonzero(in_c & ~is_test & (split != "query"))
-        rest = rng.permutation(rest)
-        split[rest[:train_per_class]] = "train"
-        split[rest[train_per_class:train_per_class + val_per_class]] = "val"
+        rest = rng.permutation(pool[split[pool] != "query"])
+        split[rest[:n_tr]] = "train"
+        split[rest[n_tr:n_tr + n_va]] = "val"
     return split
+
+
+def small_class_counts(n: int, wanted: tuple[int, ...]) -> tuple[int, ...]:
+    """How n rows are shared by splits that want `wanted` rows, in priority order (train, val[, query]).
+
+    Enough rows: exactly `wanted`. Fewer: one row to each wanted split in priority order while rows
+    last, then each further row to the split with the largest wanted / (got + 0.5) (Sainte-Laguë: in
+    proportion to `wanted`, ties to the earlier split; one more row never takes a row from a split),
+    never more than wanted. E.g. wanted (1000, 200, 100): n=1 -> (1, 0, 0); 2 -> (1, 1, 0);
+    3 -> (1, 1, 1); 130 -> (100, 20, 10). Pure; O(n * len(wanted)) for a small class.
+    """
+    if n >= sum(wanted):
+        return tuple(wanted)
+    got = [0] * len(wanted)
+    left = n
+    for i, w in enumerate(wanted):
+        if w and left:
+            got[i], left = 1, left - 1
+    for _ in range(left):
+        i = max((i for i, w in enumerate(wanted) if got[i] < w), key=lambda i: (wanted[i] / (got[i] + 0.5), -i))
+        got[i] += 1
+    return tuple(got)
 
 
 # --------------------------------------------------------------------------------------------

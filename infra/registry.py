@@ -138,6 +138,17 @@ def model_card(store: Store, model_id: str) -> dict[str, Any]:
     return register_model(store, model_id, arch, kwargs, sd, card)
 
 
+def image_input(card: dict[str, Any]) -> tuple[tuple[int, int], str]:
+    """((H, W), PIL mode) the images of `card`'s model are decoded to: 'RGB' for EfficientNet and
+    3-channel CNNs, else 'L' (grey); H, W from the card's input_hw, else EfficientNet's input size,
+    else 28 x 28."""
+    kwargs = card.get("arch_kwargs", {})
+    if card["arch"] == "efficientnet-lite0":
+        size = int(kwargs.get("input_size", 64))
+        return tuple(card.get("input_hw", (size, size))), "RGB"
+    return tuple(card.get("input_hw", (28, 28))), "RGB" if kwargs.get("in_ch", 1) == 3 else "L"
+
+
 def load_backbone(store: Store, model_id: str, device: str = "cpu"):
     """(Backbone, card) for `model_id`, weights read from the store. Cached per (store, id, checksum)."""
     card = model_card(store, model_id)
@@ -170,7 +181,9 @@ def _build_backbone(store: Store, card: dict[str, Any], device: str):
     if isinstance(bb.module, torch.nn.Module):
         if checksum != "package":
             bb.module.load_state_dict(_load(store.read_bytes(layout.model_prefix(model_id) + "model.pt")))
-        bb.module.to(device).eval()
+        # channels_last conv weights: oneDNN's faster NHWC kernels on CPU
+        # (BENCHMARKS.md section 1); loaded modules only run inference, so their state is never saved
+        bb.module.to(device, memory_format=torch.channels_last).eval()
     return bb
 
 

@@ -233,7 +233,7 @@ def query_feature(store: Store, model_id: str, image: bytes | None = None, text:
     """(1, D) float32 feature of one query image (PNG/JPEG bytes) or text, with the backbone the
     coder was trained on (`model_id` from its card). Cost: one forward pass (+ model load, cached)."""
     from infra.images import decode_images
-    from infra.registry import load_backbone
+    from infra.registry import image_input, load_backbone
 
     if (image is None) == (text is None):
         raise ValueError("give exactly one of image or text")
@@ -245,6 +245,6 @@ def query_feature(store: Store, model_id: str, image: bytes | None = None, text:
         return np.asarray(backbone.features([text]), dtype=np.float32)
     if is_text:
         raise ValueError(f"model {model_id} embeds text; use --text")
-    hw = tuple(card.get("input_hw", (28, 28)))
-    pixels = decode_images([image], np.zeros(1, np.int64), hw)
+    hw, mode = image_input(card)
+    pixels = decode_images([image], np.zeros(1, np.int64), hw, mode)
     return np.asarray(backbone.features(pixels), dtype=np.float32)

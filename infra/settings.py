@@ -86,12 +86,13 @@ class Settings:
             raise ValueError("shard_rows, batch_size and max_shard_tasks must be positive")
 
     def torch_device(self) -> str:
-        """'cuda' when asked for or available under 'auto', else 'cpu'."""
-        if self.device != "auto":
-            return self.device
-        import torch
+        """'cuda' when asked for and torch sees a GPU, or under 'auto' when it does; else 'cpu'
+        ('cuda' without a GPU falls back with one logged line: infra.devices.resolve_device)."""
+        from infra.devices import resolve_device, torch_cuda
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch_cuda() else "cpu"
+        return resolve_device(self.device, faiss_too=False)
 
     def to_env(self) -> dict[str, str]:
         """`CODESHARD_*` variables that reproduce these settings in a worker process."""

@@ -3,24 +3,27 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
-import torch
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from encoders.backbones import embed_pixels
 from infra import layout
+from infra.devices import set_torch_threads, shard_threads
 from infra.images import BadImage, decode_images
 from infra.planner import ShardRef
-from infra.registry import load_backbone, model_card
+from infra.registry import image_input, load_backbone, model_card
 from infra.settings import Settings
 from infra.shards import ShardInvalid, check_raw_types, features_table, iter_batches, open_parquet
 from infra.store import shared_store
 from tasks.caching import ShardCache, ShardTarget
 from tasks.stage import is_store_error, quarantine_duplicate_ids, run_shard_batch, run_shard_stage
 
-EXTRACT_VERSION = "extract-1"
+T, R = TypeVar("T"), TypeVar("R")
+EXTRACT_VERSION = "extract-2"  # 2: channels_last forward (extract-1 features up to float rounding), RGB decode
 
 
 def code_version(card: dict[str, Any]) -> str:
@@ -43,16 +46,34 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
                   force: bool = False) -> dict[str, Any]:
     """Embed one raw shard with `model_id` into features/<dataset>/<model_id>/part-NNNNN.parquet.
 
-    Streams the shard by record batches of `settings.batch_size` rows (decode + forward per batch),
-    so memory ~ one batch of images + one shard of features. Bad rows quarantine the shard.
+    Streams the shard by record batches of `settings.batch_size` rows: one decode thread reads and
+    decodes batch i+1 while batch i runs through the forward (channels_last), so memory ~ two batches
+    of images + one shard of features. The backbone is loaded once per process (infra.registry's
+    cache); torch threads are set once per thread (infra.devices.set_torch_threads). Bad rows
+    quarantine the shard, with the first offending id in the reason.
     """
     store = shared_store(settings)
     device = settings.torch_device()
     backbone, card = load_backbone(store, model_id, device=device)
     if device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, settings.max_workers)))
+        set_torch_threads(shard_threads(settings.max_workers))
     text = card["arch"] == "minilm"
-    hw = tuple(card.get("input_hw", (28, 28)))
+    hw, mode = image_input(card)
+
+    def decoded(batch) -> tuple[np.ndarray, Any]:
+        """(ids, texts or pixels) of one record batch; runs on the decode thread."""
+        if batch.column(0).null_count:
+            raise ShardInvalid(ref.key, f"{batch.column(0).null_count} null ids")
+        ids = batch.column(0).to_numpy(zero_copy_only=False)
+        if text:
+            texts = batch.column(1).to_pylist()
+            if any(t is None for t in texts):
+                raise ShardInvalid(ref.key, "null text values")
+            return ids, texts
+        try:
+            return ids, decode_images(batch.column(1).to_pylist(), ids, hw, mode)
+        except BadImage as e:
+            raise ShardInvalid(ref.key, str(e)) from None
 
     def work():
         ids_out, feats_out = [], []
@@ -64,22 +85,12 @@ def extract_shard(settings: Settings, dataset: str, model_id: str, ref: ShardRef
         if "id" not in schema.names:
             raise ShardInvalid(ref.key, f"missing column 'id' (has {sorted(schema.names)})")
         check_raw_types(ref.key, schema, ["id", column])  # before any row is decoded
-        for batch in iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size,
-                                  pf=pf):
-            if batch.column(0).null_count:
-                raise ShardInvalid(ref.key, f"{batch.column(0).null_count} null ids")
-            ids = batch.column(0).to_numpy(zero_copy_only=False)
+        batches = iter_batches(store, ref.key, columns=["id", column], batch_rows=settings.batch_size, pf=pf)
+        for ids, inputs in prefetched(batches, decoded):
             if text:
-                texts = batch.column(1).to_pylist()
-                if any(t is None for t in texts):
-                    raise ShardInvalid(ref.key, "null text values")
-                feats = backbone.features(texts, batch_size=settings.batch_size)
+                feats = backbone.features(inputs, batch_size=settings.batch_size)
             else:
-                try:
-                    pixels = decode_images(batch.column(1).to_pylist(), ids, hw)
-                except BadImage as e:
-                    raise ShardInvalid(ref.key, str(e)) from None
-                feats = _forward(backbone, pixels, device)
+                feats = embed_pixels(backbone.module, backbone.preprocess, inputs, batch_size=len(inputs))
             ids_out.append(ids)
             feats_out.append(feats)
         if not ids_out:
@@ -119,8 +130,23 @@ def check_ids_across_shards(settings: Settings, dataset: str, model_id: str,
                                     output_key=functools.partial(layout.features_key, dataset, model_id))
 
 
-def _forward(backbone, pixels: np.ndarray, device: str) -> np.ndarray:
-    with torch.inference_mode():
-        x = backbone.preprocess(pixels).to(device)
-        return backbone.module(x).float().cpu().numpy()
+_END = object()
 
+
+def prefetched(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[R]:
+    """`fn(item)` for each item, computed one item ahead on a single background thread (reading and
+    decoding overlap the caller's forward, which releases the GIL). Exceptions from `items` or `fn`
+    are raised at the item they belong to; closing early waits for the one item in flight."""
+    it = iter(items)
+
+    def step():
+        try:
+            return fn(next(it))
+        except StopIteration:
+            return _END
+
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as ex:
+        pending = ex.submit(step)
+        while (value := pending.result()) is not _END:
+            pending = ex.submit(step)
+            yield value

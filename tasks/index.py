@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ from prefect.tasks import exponential_backoff
 
 from infra import indexes as ix
 from infra import layout
-from infra.devices import omp_threads, use_device
+from infra.devices import omp_threads, shard_threads, use_device
 from infra.manifests import writer
 from infra.planner import ShardRef
 from infra.registry import load_coder
@@ -175,7 +174,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
             invalid.append({"key": ref.key, "part": ref.part, "checksum": head.etag if head else ref.checksum,
                             "reason": e.reason})
             continue
-        with omp_threads((os.cpu_count() or 1) // max(1, settings.max_workers)):  # batches run side by side
+        with omp_threads(shard_threads(settings.max_workers)):  # batches run side by side
             ix.add_codes(index, p, coder, bits, codes)
         ids_all.append(ids)
         parts_all.append(np.full(len(ids), ref.part, dtype=np.int32))

@@ -117,7 +117,7 @@ def assert_content_exact(store, shard_rows: int) -> None:
     from infra.planner import row_slices
     from infra.registry import load_backbone
     from infra.shards import features_matrix, read_table
-    from tasks.extract import _forward
+    from encoders.backbones import embed_pixels
     from tasks.ingest import load_with_splits, raw_table
 
     ds, split = load_with_splits("digits", 0)
@@ -130,7 +130,8 @@ def assert_content_exact(store, shard_rows: int) -> None:
             assert raw.equals(raw_table(ds, split, a, b)), part
             ft = read_table(store, layout.features_key("digits", "test-cnn", part))
             ids = raw.column("id").to_numpy()
-            x = _forward(backbone, decode_images(raw.column("image").to_pylist(), ids, (28, 28)), "cpu")
+            x = embed_pixels(backbone.module, backbone.preprocess,
+                             decode_images(raw.column("image").to_pylist(), ids, (28, 28)))
             np.testing.assert_array_equal(ft.column("id").to_numpy(), ids)
             np.testing.assert_allclose(features_matrix(ft), x, rtol=1e-5, atol=1e-6)
     finally:

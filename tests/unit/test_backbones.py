@@ -35,6 +35,37 @@ def test_features_equal_embedding_and_head_is_separate():
     assert not any(n.startswith("fc") for n, _ in m.named_parameters())
 
 
+@pytest.mark.parametrize("arch", ["small-cnn", "wide-cnn"])
+def test_channels_last_embedding_equals_the_nchw_forward(arch):
+    """A channels_last module (the faster oneDNN layout) under embed_pixels gives the plain NCHW
+    forward's output within float rounding, batched or not."""
+    torch.manual_seed(0)
+    bb = B.build_backbone(arch)
+    bb.module.eval()
+    px = np.random.default_rng(1).integers(0, 256, (37, 28, 28), dtype=np.uint8)
+    with torch.no_grad():
+        nchw = bb.module(B.grey_preprocess(px).contiguous()).numpy()
+    bb.module.to(memory_format=torch.channels_last)  # as infra.registry loads it
+    for bs in (37, 8):
+        np.testing.assert_allclose(B.embed_pixels(bb.module, bb.preprocess, px, bs), nchw, rtol=1e-5, atol=1e-5)
+    assert B.channels_last(B.grey_preprocess(px)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rgb_pixels_feed_a_three_channel_cnn():
+    """(n, H, W, 3) RGB pixels become (n, 3, H, W) with each channel standardised like grey; a
+    3-channel SmallCNN embeds them like the same tensor given NCHW."""
+    torch.manual_seed(0)
+    bb = B.build_backbone("small-cnn", in_ch=3)
+    px = np.random.default_rng(2).integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
+    x = bb.preprocess(px)
+    assert x.shape == (6, 3, 28, 28)
+    np.testing.assert_allclose(x[:, 1].numpy(), B.grey_preprocess(px[..., 1])[:, 0].numpy())
+    bb.module.eval()
+    with torch.no_grad():
+        want = bb.module(x.contiguous()).numpy()
+    np.testing.assert_allclose(bb.features(px), want, rtol=1e-5, atol=1e-5)
+
+
 def test_embed_pixels_restores_train_mode():
     m = B.SmallCNN(embed_dim=8)
     m.train()
@@ -54,8 +85,8 @@ def test_unknown_arch():
 
 
 def test_grey_preprocess_rejects_wrong_rank():
-    with pytest.raises(ValueError):
-        B.grey_preprocess(np.zeros((2, 1, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="grey or"):
+        B.grey_preprocess(np.zeros((2, 1, 28, 28), np.uint8))  # NCHW is not pixels: (n, H, W[, 3]) only
 
 
 def test_efficientnet_lite0_loads_pretrained_weights():

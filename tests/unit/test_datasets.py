@@ -118,16 +118,60 @@ def test_assign_splits_counts_with_test_part():
     assert not is_test[(s == "train") | (s == "val")].any()
 
 
-def test_assign_splits_small_class_takes_what_exists():
+def test_assign_splits_small_class_is_shared_train_first_then_in_proportion():
     labels = np.r_[np.zeros(100, int), np.ones(7, int)]
     s = D.assign_splits(labels, np.zeros(107, bool), query_per_class=5, train_per_class=20, val_per_class=10)
     one = s[labels == 1]
-    assert (one == "query").sum() == 5 and (one == "train").sum() == 2 and (one == "val").sum() == 0
+    # 7 rows for (train 20, val 10, query 5): one each, then 4 in proportion 20:10:5 -> 3, 1, 0
+    assert (one == "train").sum() == 4 and (one == "val").sum() == 2 and (one == "query").sum() == 1
+    full = s[labels == 0]
+    assert (full == "train").sum() == 20 and (full == "val").sum() == 10 and (full == "query").sum() == 5
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("n, expected", [(1, ("train",)), (2, ("train", "val")), (3, ("train", "val", "query"))])
+def test_assign_splits_tiny_class_without_test_part_gets_train_then_val_then_query(n, expected):
+    labels = np.r_[np.zeros(50, int), np.full(n, 7)]
+    s = D.assign_splits(labels, np.zeros(len(labels), bool), query_per_class=5, train_per_class=20, val_per_class=10)
+    assert sorted(s[labels == 7]) == sorted(expected)
+
+
+@pytest.mark.parametrize("n_rest, n_test", [(0, 1), (0, 3), (1, 3), (2, 3), (3, 0), (1, 0)])
+def test_assign_splits_tiny_class_with_test_part_has_train_before_val_or_query(n_rest, n_test):
+    labels = np.r_[np.zeros(60, int), np.full(n_rest + n_test, 7)]
+    is_test = np.r_[np.arange(60) % 4 == 0, np.zeros(n_rest, bool), np.ones(n_test, bool)]
+    s = D.assign_splits(labels, is_test, query_per_class=5, train_per_class=20, val_per_class=10)
+    c = s[labels == 7]
+    n_train, n_val, n_query = (c == "train").sum(), (c == "val").sum(), (c == "query").sum()
+    if n_rest == 0:  # no non-test row to train on: its test rows are gallery, not queries
+        assert n_train == n_val == n_query == 0 and (c == "database").all()
+    else:
+        assert (n_train, n_val) == D.small_class_counts(n_rest, (20, 10)) and n_train >= 1
+        assert n_val == (n_rest >= 2) and n_query == n_test
+    assert not is_test[labels == 7][(c == "train") | (c == "val")].any()
+
+
+def test_assign_splits_refuses_val_or_query_without_train():
+    with pytest.raises(ValueError, match="train_per_class must be >= 1"):
+        D.assign_splits(np.zeros(10, int), np.zeros(10, bool), query_per_class=2, train_per_class=0, val_per_class=2)
+
+
+@pytest.mark.parametrize("wanted", [(1000, 200, 100), (20, 10, 5), (10, 3, 4), (100, 30), (5, 0, 3)])
+def test_small_class_counts_rule(wanted):
+    prev = (0,) * len(wanted)
+    for n in range(sum(wanted) + 5):
+        got = D.small_class_counts(n, wanted)
+        assert sum(got) == min(n, sum(wanted)) and all(0 <= g <= w for g, w in zip(got, wanted))
+        assert all(g >= p for g, p in zip(got, prev))  # one more row never takes a row from a split
+        wanted_idx = [i for i, w in enumerate(wanted) if w]
+        assert all(got[i] >= 1 for i in wanted_idx[:n])  # one row each, in priority order, first
+        prev = got
+    assert D.small_class_counts(3, (1000, 200, 100)) == (1, 1, 1)
+    assert D.small_class_counts(130, (1000, 200, 100)) == (100, 20, 10)
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=300), st.integers(0, 2**31 - 1),
-       st.booleans(), st.integers(0, 6), st.integers(0, 30), st.integers(0, 10))
+       st.booleans(), st.integers(0, 6), st.integers(1, 30), st.integers(0, 10))
 def test_assign_splits_properties(labels, seed, with_test, nq, ntr, nva):
     labels = np.asarray(labels)
     is_test = (np.arange(len(labels)) % 3 == 0) if with_test else np.zeros(len(labels), bool)
@@ -136,12 +180,17 @@ def test_assign_splits_properties(labels, seed, with_test, nq, ntr, nva):
     np.testing.assert_array_equal(s, s2)  # deterministic
     assert set(s) <= set(D.SPLITS)  # one split per row: disjoint and covering by construction
     for c in np.unique(labels):
-        in_c = labels == c
-        q_pool = (in_c & is_test).sum() if is_test.any() else in_c.sum()
-        assert (s[in_c] == "query").sum() == min(nq, q_pool)
-        rest = (in_c & ~is_test & (s != "query")).sum()
-        assert (s[in_c] == "train").sum() == min(ntr, rest)
-        assert (s[in_c] == "val").sum() == min(nva, max(0, rest - ntr))
+        sc = s[labels == c]
+        n_q, n_tr, n_va = (sc == "query").sum(), (sc == "train").sum(), (sc == "val").sum()
+        assert n_q <= nq and n_tr <= ntr and n_va <= nva
+        if n_va or n_q:  # the rule this test file exists for: no val or query rows without train rows
+            assert n_tr >= 1
+        if is_test.any():
+            rest, test = (labels == c) & ~is_test, (labels == c) & is_test
+            assert (n_tr, n_va) == D.small_class_counts(rest.sum(), (ntr, nva))
+            assert n_q == (min(nq, test.sum()) if n_tr else 0)
+        else:
+            assert (n_tr, n_va, n_q) == D.small_class_counts((labels == c).sum(), (ntr, nva, nq))
     if is_test.any():
         assert not is_test[(s == "train") | (s == "val")].any()
 

@@ -237,3 +237,38 @@ def test_ceiling_and_isolation_rows_run_on_the_same_splits():
                               params=None if v == "float-cos" else tiny)
         assert rows and all(r.note == "" and 0 <= r.map <= 1 for r in rows), (v, rows)
     assert set(DERIVED) >= {"float-cos", "drq-emb", "drq-emb+pq", "drq-emb+rq", "gsl-emb", "gsl-none-emb"}
+
+
+def test_evaluate_task_on_a_43_class_import_with_tiny_classes_reports_every_method(tmp_path):
+    """#16's failing case at the task level: an imported 43-class set whose tiny classes (1, 2, 3 rows)
+    get splits by the small-class rule; llc runs (no 'classes unseen in phase 1'), a length llc cannot
+    serve gets a row saying why, and the other methods are reported."""
+    import pyarrow as pa
+
+    from infra import layout
+    from infra.datasets import assign_splits
+    from infra.settings import Settings
+    from infra.shards import features_table, write_table
+    from infra.store import open_store
+    from tasks.evaluate import evaluate_method
+
+    sizes = [1, 2, 3] + [40] * 40
+    y = np.repeat(np.arange(43), sizes)
+    x = (np.eye(43, 48, dtype=np.float32)[y] * 4 + np.random.default_rng(0).normal(size=(len(y), 48))).astype(np.float32)
+    split = assign_splits(y, np.zeros(len(y), bool), seed=0, query_per_class=5, train_per_class=25, val_per_class=8)
+    for c in range(43):  # the rule: no class has val or query rows without train rows
+        sc = split[y == c]
+        assert (sc == "train").any() or not ((sc == "val") | (sc == "query")).any()
+    assert sorted(split[y == 2]) == ["query", "train", "val"] and list(split[y == 0]) == ["train"]
+    cfg = Settings.load(store=f"file://{tmp_path}/store")
+    store = open_store(cfg)
+    ids = np.arange(len(y), dtype=np.int64) + 1000
+    write_table(store, layout.raw_key("tiny43", 0), pa.table({"id": ids, "label": y.astype(np.int32),
+                                                               "split": split.tolist()}))
+    write_table(store, layout.features_key("tiny43", "m", 0), features_table(ids, x))
+    llc = evaluate_method.fn(cfg, "tiny43", "m", "llc", [4, 8], params={"epochs_class": 2, "epochs_instance": 2})
+    assert [r["bits"] for r in llc] == [4, 8]
+    assert llc[0]["note"].startswith("not run: ValueError")  # 4 bits cannot name 43 classes: a row saying why
+    assert llc[1]["note"] == "" and llc[1]["map"] > 1 / 43  # 2 epochs: above chance, not a quality claim
+    itq = evaluate_method.fn(cfg, "tiny43", "m", "itq", [8])
+    assert itq[0]["note"] == "" and itq[0]["map"] > 1 / 43  # the other methods are reported beside it

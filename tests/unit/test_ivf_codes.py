@@ -161,6 +161,7 @@ def test_a_memory_mapped_load_searches_like_the_in_memory_index(tmp_path, data, 
 def test_cuda_falls_back_to_cpu_with_a_message_when_there_is_no_gpu(caplog, monkeypatch):
     monkeypatch.setattr(devices, "torch_cuda", lambda: False)
     monkeypatch.setattr(devices, "faiss_gpus", lambda: 0)
+    monkeypatch.setattr(devices, "_warned", set())  # logged once per process: start from none
     with caplog.at_level(logging.WARNING, logger="infra.devices"):
         assert devices.resolve_device("cuda") == "cpu"
     assert "falling back to CPU" in caplog.text and "make install GPU=1" in caplog.text
