@@ -100,6 +100,7 @@ def bare_build(index_type: str, coder, codes, train_rows: int):
     elif index_type == "binary-ivf":
         nlist = ix.ivf_nlist(n)
         idx = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(8 * b), 8 * b, nlist)
+        idx.cp.niter = ix.IVF_TRAIN_NITER
         sample = codes[np.random.default_rng(0).permutation(n)[:train_rows]]
         idx.train(sample)
         idx.add(codes)
@@ -116,7 +117,7 @@ def bare_build(index_type: str, coder, codes, train_rows: int):
             idx = faiss.IndexFlatL2(d)
         elif index_type == "ivf-flat":
             idx = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, ix.ivf_nlist(n), faiss.METRIC_L2)
-            idx.cp.seed = 1234
+            idx.cp.seed, idx.cp.niter = 1234, ix.IVF_TRAIN_NITER
             idx.train(x[np.random.default_rng(0).permutation(n)[:train_rows]])
         else:
             idx = faiss.IndexHNSWFlat(d, ix.HNSW_M)
@@ -173,7 +174,7 @@ def run_types(args, types):
         codes = read_codes(paths)
         n = len(codes)
         nlist = ix.ivf_nlist(n)
-        train_rows = min(262_144, max(nlist * 64, nlist * 39))  # tasks/index.py's sample size
+        train_rows = ix.ivf_train_rows(nlist)  # the flow's sample size
         name = f"bench-{t}"
         last: dict = {}
         parts: dict[str, list[float]] = {"read": [], "build": [], "write": []}

@@ -8,8 +8,10 @@ Usage: PYTHONPATH=. python bench/scale.py --items 1000000 [--shard-rows 100000] 
 Stages: features (write features + raw shards) -> coder (fit a 64-bit PQ on a 65,536-row sample,
 register it) -> codes (the `encode` flow) -> index (the `build_index` flow: train the coarse
 quantizer on a sample, per-batch partials, merge, nprobe tuned to recall@10 >= 0.95 on a fixed
-query count, publish) -> search (Searcher on a memory-mapped local copy: recall@10 against the
-exhaustive scan of the same codes, ms/query one at a time).
+query count, publish) -> bare (the same faiss work by hand, no flow: read every code shard, train on
+the same sample size and iterations, add, write the index file: the index stage's reference; the
+last line is the ratio) -> search (Searcher on a memory-mapped local copy: recall@10 against the
+exhaustive scan of the same codes, ms/query one at a time). One Prefect server serves every stage.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import sys
 import time
 
 DATASET, MODEL, CODER = "scale", "synthetic-64", "pq-64-scale"
-STAGES = ("features", "coder", "codes", "index", "search")
+STAGES = ("features", "coder", "codes", "index", "bare", "search")
 
 
 def clustered(part: int, rows: int, dim: int, seed: int = 0):
@@ -70,9 +72,13 @@ def run_stage(a: argparse.Namespace) -> dict:
     elif a.stage == "index":
         from flows.build_index import build_index
 
+        t0 = time.perf_counter()
         s = build_index(DATASET, CODER, None, "scale-pq", memory_budget="3GB", force=True,
                         index_type=a.index_type or None, settings=cfg)
-        out = {k: s.get(k) for k in ("index_type", "n", "recall_at_10", "p50_ms", "version", "seconds")}
+        out = {"flow_s": time.perf_counter() - t0,
+               **{k: s.get(k) for k in ("index_type", "n", "recall_at_10", "p50_ms", "version", "seconds")}}
+    elif a.stage == "bare":
+        out = bare_build(store, a)
     elif a.stage == "search":
         from infra.search import Searcher
 
@@ -93,6 +99,48 @@ def run_stage(a: argparse.Namespace) -> dict:
     return out
 
 
+def bare_build(store, a: argparse.Namespace) -> dict:
+    """read codes + train + add + write, timed per step, with the index stage's plan, sample size and
+    k-means iterations (`ix.ivf_train_rows`, IVF_TRAIN_NITER)."""
+    import io
+
+    import faiss
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from infra import indexes as ix
+    from infra import layout
+    from infra.planner import select_shards
+    from infra.registry import load_coder
+    from infra.shards import codes_matrix
+
+    coder, _ = load_coder(store, CODER)
+    bits = coder.full_bits
+    t0 = time.perf_counter()
+    refs = select_shards(store.list(layout.codes_prefix(DATASET, CODER)))
+    codes = np.concatenate([codes_matrix(pq.read_table(io.BytesIO(store.read_bytes(r.key)), columns=["code"]))
+                            for r in refs])
+    t1 = time.perf_counter()
+    plan = ix.choose_index(len(codes), coder.bytes_per_item(bits), ix.index_kind(coder), ix.parse_bytes("3GB"),
+                           adc_engine=ix.adc_engine_for(coder, bits), index_type=a.index_type or None,
+                           codec=ix.codec_of(coder, bits))
+    trained = None
+    if plan.needs_training:
+        rows = min(len(codes), ix.ivf_train_rows(plan.nlist))
+        sample = codes[np.sort(np.random.default_rng(0).choice(len(codes), rows, replace=False))]
+        trained = ix.train_ivf(plan, coder, bits, sample)
+    t2 = time.perf_counter()
+    idx = ix.new_index(plan, coder, bits, trained, final=True)
+    ix.add_codes(idx, plan, coder, bits, codes)
+    t3 = time.perf_counter()
+    path = os.path.join(a.cache, "bare.faiss")
+    os.makedirs(a.cache, exist_ok=True)
+    (faiss.write_index_binary if plan.binary_storage else faiss.write_index)(idx, path)
+    os.remove(path)
+    return {"index_type": plan.index_type, "read_s": t1 - t0, "train_s": t2 - t1, "add_s": t3 - t2,
+            "write_s": time.perf_counter() - t3, "work_s": time.perf_counter() - t0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=1_000_000)
@@ -111,6 +159,15 @@ def main() -> None:
         out = run_stage(a)
         print("RESULT " + json.dumps({"stage": a.stage, "wall_s": time.perf_counter() - t0, **out}, default=str))
         return
+    from harness import stages as S
+
+    with S.PrefectServer() as srv:  # one server for every stage (an ephemeral one per process times out under load)
+        print(f"prefect server {srv.url} (start-up {srv.startup_s:.1f} s), load {os.getloadavg()}", flush=True)
+        rows = run_stages(a)
+    report(rows)
+
+
+def run_stages(a: argparse.Namespace) -> list[dict]:
     rows = []
     for stage in a.stages.split(","):
         argv = [sys.executable, __file__, *sys.argv[1:], "--stage", stage]
@@ -126,10 +183,20 @@ def main() -> None:
         res["us_per_item"] = 1e6 * res["wall_s"] / a.items
         print(json.dumps(res, default=str), flush=True)
         rows.append(res)
+    return rows
+
+
+def report(rows: list[dict]) -> None:
     print(f"\n| stage | wall s | items/s | µs/item | peak RSS MiB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['wall_s']:.1f} | {r['items_per_s']:,.0f} | {r['us_per_item']:.2f} | "
               f"{r['peak_rss_mib']:.0f} |")
+    by = {r["stage"]: r for r in rows}
+    if "index" in by and "bare" in by:
+        print(f"\nindex stage / bare faiss (read + train + add + write): {by['index']['wall_s']:.1f} s / "
+              f"{by['bare']['wall_s']:.1f} s = {by['index']['wall_s'] / by['bare']['wall_s']:.2f}x (stage processes); "
+              f"the build_index call / the faiss work: {by['index']['flow_s']:.1f} s / {by['bare']['work_s']:.1f} s "
+              f"= {by['index']['flow_s'] / by['bare']['work_s']:.2f}x (imports left out on both sides)")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def run_build(cfg: Settings, store: Store, plan: ix.IndexPlan, batches: list[lis
     if plan.needs_training and trained is None:
         tr = train_index.submit(cfg, name, coder_id, bits, pd, [r for b in batches for r in b],
                                 device=asked.device).result()
-        trained, train_s = {"key": tr["key"], "checksum": tr["checksum"]}, tr["seconds"]
+        trained, train_s = {k: tr[k] for k in ("key", "checksum", "rows", "niter")}, tr["seconds"]
         staged.append(layout.folder_of(tr["key"]))
     t_add = time.perf_counter()
     futures = [index_batch.submit(cfg, name, coder_id, bits, pd, b, trained, asked.exclude_split)

@@ -81,7 +81,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
             head = store.head(key)
             if head is None:
                 raise ix.IndexBuildError(f"{store.uri_of(key)} is missing: rebuild {name} with --force")
-            trained = {"key": key, "checksum": head.etag}
+            trained = {**(prev.trained or {}), "key": key, "checksum": head.etag}  # rows, niter kept
         # what was asked: the previous build's, exclude_split included (older builds left queries out)
         asked = ix.BuildRecord(
             format=prev.format, name=prev.name, mode="refresh", dataset=prev.dataset, coder_id=prev.coder_id,

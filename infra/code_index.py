@@ -15,7 +15,7 @@ import numpy as np
 from encoders.coders import Coder
 from infra.index_files import ids_from_bytes, index_from_bytes, index_from_file, index_to_bytes
 from infra.index_plan import (BINARY_FLAT, BINARY_IVF, BINARY_STORAGE, CODER_LUT, FLAT, HNSW,
-                              HNSW_EF_SEARCH, HNSW_M, IVF_FLAT, IVF_PQ, IVF_RQ, IVF_TYPES, PQ_LUT,
+                              HNSW_EF_SEARCH, HNSW_M, IVF_FLAT, IVF_PQ, IVF_RQ, IVF_TRAIN_NITER, IVF_TYPES, PQ_LUT,
                               REMOVABLE, RQ_LUT, IndexBuildError, IndexPlan)
 
 # ---------------------------------------------------------------------------------------------
@@ -196,16 +196,19 @@ def decode_codes(plan: IndexPlan, coder: Coder, bits: int, codes: np.ndarray) ->
     return np.ascontiguousarray(coder.decode(codes), dtype=np.float32)
 
 
-def train_ivf(plan: IndexPlan, coder: Coder, bits: int, sample_codes: np.ndarray) -> bytes:
+def train_ivf(plan: IndexPlan, coder: Coder, bits: int, sample_codes: np.ndarray,
+              niter: int = IVF_TRAIN_NITER) -> bytes:
     """Train the coarse quantizer of an IVF type on full-length sample codes; returns the empty
     trained index's bytes. IVF-PQ / IVF-RQ keep the coder's own codebooks (by_residual=False: the
     lists hold the stored codes), only the nlist centroids are learnt, by k-means on the decoded
-    sample. Cost: k-means of nlist centroids on the sample (faiss, OpenMP; GPU when `device` asks)."""
+    sample (`niter` iterations; binary IVF: faiss's own). Cost: niter · len(sample) · nlist · d flops
+    (faiss, OpenMP; GPU when `device` asks)."""
     t = plan.index_type
     codes = code_bits(coder, sample_codes, bits)
     if t == BINARY_IVF:
         d = 8 * plan.bytes_per_item
         idx = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d), d, plan.nlist)
+        idx.cp.niter = niter
         idx.train(codes)
         idx.nprobe = plan.nprobe
         return index_to_bytes(idx)
@@ -229,7 +232,7 @@ def train_ivf(plan: IndexPlan, coder: Coder, bits: int, sample_codes: np.ndarray
         raise ValueError(f"{t} needs no training")
     from infra.devices import kmeans_centroids  # the GPU path lives with the device choice
 
-    cents = kmeans_centroids(x, plan.nlist, spherical=idx.metric_type == faiss.METRIC_INNER_PRODUCT)
+    cents = kmeans_centroids(x, plan.nlist, spherical=idx.metric_type == faiss.METRIC_INNER_PRODUCT, niter=niter)
     idx.quantizer.add(cents)
     idx.is_trained = True
     idx.nprobe = plan.nprobe

@@ -76,14 +76,28 @@ def current_device() -> str:
     return _device
 
 
-def kmeans_centroids(x: np.ndarray, k: int, spherical: bool = False, device: str | None = None) -> np.ndarray:
-    """(k, d) float32 k-means centroids of `x` (seeded), on the GPU when the process device is cuda."""
+def kmeans_centroids(x: np.ndarray, k: int, spherical: bool = False, device: str | None = None,
+                     niter: int = KMEANS_ITER) -> np.ndarray:
+    """(k, d) float32 k-means centroids of `x` (seeded, `niter` Lloyd iterations), on the GPU when the
+    process device is cuda. Cost: niter · len(x) · k · d flops (faiss subsamples to 256 per centroid)."""
     dev = device or _device
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_ITER, seed=KMEANS_SEED, spherical=spherical,
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=KMEANS_SEED, spherical=spherical,
                       gpu=dev.startswith("cuda"), max_points_per_centroid=256, verbose=False)
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+@contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """faiss's OpenMP threads set to `n` (>= 1) for the calling thread inside the block, restored after
+    (OpenMP's count is per thread: a task's setting must not leak into the next task on that thread)."""
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
 
 
 def exact_search(x: np.ndarray, q: np.ndarray, k: int, inner_product: bool = False,

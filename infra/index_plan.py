@@ -54,6 +54,10 @@ EXTRA_BYTES = {RQ_LUT: 4, IVF_RQ: 4}  # a float32 norm per item when the coder s
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
 RECALL_TARGET = 0.95  # nprobe / efSearch are tuned to the smallest value reaching this recall@10
+# The coarse quantizer's k-means sample and iterations (bench/ivf_train.py measured the choice):
+IVF_TRAIN_PER_LIST = 64       # sample rows per list (faiss needs >= 39; it subsamples above 256)
+IVF_TRAIN_MAX_ROWS = 262_144  # at most this many rows, whatever nlist
+IVF_TRAIN_NITER = 10          # Lloyd iterations
 
 
 class IndexBudgetError(ValueError):
@@ -117,6 +121,13 @@ def ivf_nlist(n: int) -> int:
     while nlist > 1 and nlist * 39 > n:
         nlist //= 2
     return max(nlist, 1)
+
+
+def ivf_train_rows(nlist: int) -> int:
+    """Rows of the coarse quantizer's training sample: IVF_TRAIN_PER_LIST per list, capped at
+    IVF_TRAIN_MAX_ROWS but never under 39 per list (faiss's minimum; above the cap from nlist 8192,
+    N >= ~4M). k-means then costs ~2 · IVF_TRAIN_NITER · rows · nlist · d flops."""
+    return max(39 * nlist, min(IVF_TRAIN_MAX_ROWS, nlist * IVF_TRAIN_PER_LIST))
 
 
 def ivf_nprobe(nlist: int) -> int:

@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 
 from infra import indexes as ix
 from infra import layout
-from infra.devices import use_device
+from infra.devices import omp_threads, shard_threads, use_device
 from infra.manifests import writer
 from infra.planner import ShardRef
 from infra.registry import load_coder
@@ -31,8 +31,6 @@ from infra.store import Store, StoreError, shared_store
 from tasks.stage import is_store_error, logger
 
 INDEX_CODE_VERSION = "index-1"  # part of every staging digest: bump when partials change meaning
-TRAIN_ROWS_PER_LIST = 64        # coarse-quantizer training sample: 64 rows per list, at most 262144
-MAX_TRAIN_ROWS = 262_144
 MAX_EVAL_PARTS = 4              # ADC evaluation reads the features of at most this many shards
 
 
@@ -89,21 +87,24 @@ def count_rows(settings: Settings, refs: list[ShardRef]) -> list[int]:
       retry_condition_fn=is_store_error, tags=["heavy"])
 def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: dict[str, Any],
                 refs: list[ShardRef], device: str = "cpu") -> dict[str, Any]:
-    """Train the coarse quantizer of an IVF plan on codes sampled from `refs` (evenly spread shards,
-    up to 64 rows per list) and stage the empty trained index. Skipped when already staged.
-    Memory: the sample (<= 262144 rows) plus the k-means state."""
+    """Train the coarse quantizer of an IVF plan on codes sampled from `refs` (random shards,
+    `ix.ivf_train_rows(nlist)` rows, IVF_TRAIN_NITER k-means iterations) and stage the empty trained
+    index. Skipped when already staged. Returns rows and niter (build.json 'trained').
+    Memory: the sample (its codes and decoded floats) plus the k-means state."""
     log = logger()
     store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
-    want = min(MAX_TRAIN_ROWS, max(p.nlist * TRAIN_ROWS_PER_LIST, p.nlist * 39))
+    want, niter = ix.ivf_train_rows(p.nlist), ix.IVF_TRAIN_NITER
     digest = ix.digest_of({"train": INDEX_CODE_VERSION, "type": p.index_type, "nlist": p.nlist,
+                           "rows": want, "niter": niter,
                            "coder": card["checksum"], "bits": bits,
                            "shards": [(r.key, r.checksum) for r in refs]})
     key = ix.staging_key_prefix(name, "train-" + digest) + ix.TRAINED_FILE
     info = store.head(key)
     if info is not None:
-        return {"key": key, "checksum": info.etag, "status": "skipped", "rows": 0, "seconds": 0.0}
+        return {"key": key, "checksum": info.etag, "status": "skipped", "rows": min(want, p.n), "niter": niter,
+                "seconds": 0.0}
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     order = rng.permutation(len(refs))
@@ -125,12 +126,12 @@ def train_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     if len(sample) > want:
         sample = sample[np.sort(rng.choice(len(sample), want, replace=False))]
     use_device(device)  # k-means on the GPU when asked and present, else CPU (logged)
-    data = ix.train_ivf(p, coder, bits, sample)
+    data = ix.train_ivf(p, coder, bits, sample, niter=niter)
     etag = store.write_bytes(key, data)
     seconds = time.perf_counter() - t0
     log.info("trained %s (nlist %d) on %d rows in %.1fs", p.index_type, p.nlist, len(sample), seconds)
-    return {"key": key, "checksum": etag, "status": "done", "rows": int(len(sample)), "seconds": seconds,
-            "code_shards_read": read}
+    return {"key": key, "checksum": etag, "status": "done", "rows": int(len(sample)), "niter": niter,
+            "seconds": seconds, "code_shards_read": read}
 
 
 @task(name="index_batch", retries=3, retry_delay_seconds=exponential_backoff(1),
@@ -173,7 +174,8 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
             invalid.append({"key": ref.key, "part": ref.part, "checksum": head.etag if head else ref.checksum,
                             "reason": e.reason})
             continue
-        ix.add_codes(index, p, coder, bits, codes)
+        with omp_threads(shard_threads(settings.max_workers)):  # batches run side by side
+            ix.add_codes(index, p, coder, bits, codes)
         ids_all.append(ids)
         parts_all.append(np.full(len(ids), ref.part, dtype=np.int32))
         inputs.append({"key": ref.key, "part": ref.part, "checksum": etag, "rows": int(len(ids)),

@@ -216,11 +216,15 @@ def test_adc_and_float_indexes_on_s3(prefect_server, s3_settings):
 
     f = build_index(DATASET, "float-test", None, "synth-float-ivf", index_type="ivf-flat", settings=cfg)
     assert f["index_type"] == ix.IVF_FLAT and f["recall_at_10"] >= 0.95, f
-    assert ix.read_build(store, "synth-float-ivf", 1).trained is not None
+    b1 = ix.read_build(store, "synth-float-ivf", 1)
+    # the k-means sample size and iterations are recorded: the plan's rows per list, capped by N
+    assert b1.trained["rows"] == min(ix.ivf_train_rows(b1.plan["nlist"]), b1.n) > 0
+    assert b1.trained["niter"] == ix.IVF_TRAIN_NITER
     assert store.head(ix.version_key("synth-float-ivf", 1, ix.TRAINED_FILE)) is not None
     write_parts(store, {"float-test": coders["float-test"]}, range(8, 9))
     r = refresh_index("synth-float-ivf", settings=cfg)  # IVF: new rows go into the trained lists
     assert (r["status"], r["n"]) == ("published", 2700) and r["recall_at_10"] >= 0.95
+    assert ix.read_build(store, "synth-float-ivf", 2).trained["rows"] == b1.trained["rows"]  # kept
     # IVF cannot drop the rows of a changed shard: the refresh does a (documented) full rebuild
     write_parts(store, {"float-test": coders["float-test"]}, range(0, 1), seed=3)
     rb = refresh_index("synth-float-ivf", settings=cfg)

@@ -140,6 +140,15 @@ def test_ivf_nlist_and_parse_bytes():
         ix.parse_bytes("lots")
 
 
+def test_ivf_train_sample_is_per_list_capped_and_never_under_faiss_minimum():
+    per = ix.IVF_TRAIN_PER_LIST
+    assert ix.ivf_train_rows(1024) == 1024 * per  # below the cap: rows per list
+    assert ix.ivf_train_rows(4096) == min(ix.IVF_TRAIN_MAX_ROWS, 4096 * per)
+    big = 16384  # N = 10M: the cap would leave 16 per list; faiss needs 39
+    assert ix.ivf_train_rows(big) == 39 * big > ix.IVF_TRAIN_MAX_ROWS
+    assert all(ix.ivf_train_rows(n) >= 39 * n for n in (1, 16, 256, 4096, 65536))
+
+
 def test_shards_per_task_bounds_memory_and_keeps_workers_busy():
     # 10 shards of 10k rows, 8-byte codes: everything fits one batch, but 2 workers want 2 tasks
     assert ix.shards_per_task(10_000, 8, 2**31, 2, 10) == 5
