@@ -124,16 +124,17 @@ def train_compatible(new_backbone: nn.Module, new_dim: int, old_features: np.nda
                                                                  old_classifier, head))
         return emb.sum() * 0.0
 
-    val_fn = None
-    if method != "independent" and val_old_features is not None:
-        half = len(val_images) // 2
-        vq_lab, vg_lab = np.asarray(val_labels[:half]), np.asarray(val_labels[half:])
-        vg_old = np.asarray(val_old_features[half:], dtype=np.float32)
+    half = len(val_images) // 2
+    vq_lab, vg_lab = np.asarray(val_labels[:half]), np.asarray(val_labels[half:])
 
-        def val_fn(m, h):
-            qf = embed_pixels(m, preprocess, val_images[:half])
-            ap, _ = average_precision_from_scores(cosine_scores(qf, vg_old), vq_lab, vg_lab)
-            return float(ap.mean())
+    def val_map_new_vs_old(m, h) -> float:
+        """Val mAP of the new model's queries against the old val gallery (early stop)."""
+        vg_old = np.asarray(val_old_features[half:], dtype=np.float32)
+        qf = embed_pixels(m, preprocess, val_images[:half])
+        ap, _ = average_precision_from_scores(cosine_scores(qf, vg_old), vq_lab, vg_lab)
+        return float(ap.mean())
+
+    val_fn = val_map_new_vs_old if method != "independent" and val_old_features is not None else None
 
     report = train_classifier(model, head, images, labels, val_images, val_labels,
                               epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,

@@ -198,7 +198,6 @@ def _derived_rows(variant, bits_list, train, val, query, database, R, seed, para
     base, view = DERIVED[variant]
     method, extra, per_length = VARIANTS[base]
     cfg = {**extra, **(params or {})}
-    lengths = [0] if view in ("cosine", "embedding") else list(bits_list)
     out: list[EvalRow] = []
     # one base model: DRQ at its longest code; a per-length base (GSL) at the longest length
     top = max(bits_list)

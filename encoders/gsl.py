@@ -178,10 +178,8 @@ class GSLConfig:
     (+ dim^2 for OPQ).
     fit cost: epochs passes over train, each ~3 x n x (D*hidden + hidden*dim) multiply-adds, plus
     one quantizer refit (faiss k-means, M x 256 centroids on `refit_sample` points; OPQ adds its
-    alternating optimisation) every `refit_every` steps in modes qloss/gsl and one final fit.
-    Measured (10k x 128-d Fashion-MNIST CNN features, these defaults, 600 steps, 12 refits, one
-    thread on a shared 2-core machine): PQ 3-11 s at 16/32 bits, ~35 s at 64 bits; OPQ 30-60 s
-    at 16/32 bits, ~310 s at 64 bits (the OPQ refits dominate); mode "none" 3-6 s (no refits).
+    alternating optimisation) every `refit_every` steps in modes qloss/gsl and one final fit
+    (the OPQ refits dominate; mode "none" has none). Fit times: BENCHMARKS.md section 13.
     Search: asymmetric, O(nq * n * M) table lookups.
 
     mode: "gsl" (gradient snapping), "qloss" (similarity + quantization loss, biased baseline),

@@ -42,9 +42,8 @@ class LLCConfig:
     bytes per item: ceil(bits / 8) (16 bits -> 2 B); plus one shared class codebook of
     classes x bits bits and two small MLPs (~2 x (D*hidden + hidden*bits) floats).
     fit cost: at most (epochs_class + epochs_instance) passes over train, each about
-    3 x n x (D*hidden + hidden*bits) multiply-adds (forward + backward), early-stopped on val;
-    measured 2-10 s in total for 10k x 128-d features, hidden=256, one thread on a shared 2-core
-    machine. Encode ~0.4-1M items/s. Search: symmetric Hamming, O(nq * n * bytes).
+    3 x n x (D*hidden + hidden*bits) multiply-adds (forward + backward), early-stopped on val.
+    Encode: one MLP forward per item. Search: symmetric Hamming, O(nq * n * bytes).
 
     bits: code length k (classes need at least ceil(log2 classes); LLC uses that + a few).
     hidden: trunk hidden width (0 = linear feature -> k map, as in the paper's head).

@@ -82,7 +82,7 @@ class Trunk(nn.Module):
 def spread_codebook(n_classes: int, k: int, gen: torch.Generator, tries: int = 256) -> torch.Tensor:
     """The random {-1,+1} (C, k) codebook with the largest minimum pairwise Hamming distance
     (then largest mean distance) among `tries` draws, fewer for large C so the search stays
-    under ~2e9 multiply-adds (1000 classes x 20 bits: 100 draws, ~1 s)."""
+    under ~2e9 multiply-adds (1000 classes x 20 bits: 100 draws)."""
     tries = max(1, min(tries, int(2e9 // (n_classes * n_classes * k))))
     best, best_key = None, (-1, -1.0)
     for _ in range(tries):

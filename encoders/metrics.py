@@ -59,10 +59,9 @@ def hamming_scores(query_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
     Returns:
         (nq, n) float32, `-popcount(q XOR x)`: integer-valued, so ties are exact.
 
-    Cost: O(nq · n · B / 8) word operations via `faiss.hammings` (OpenMP, 64-bit popcount); on 2 cores
-    1000 × 70000 at 64 bits takes ~0.05 s plus ~0.06 s to write the float32 result. Measured against
-    numpy `bitwise_count` on uint8/uint64 views (5-25× slower) and IndexBinaryFlat search with k=n
-    (needs a heap over every item). Output memory is 4 · nq · n bytes; chunk queries for big sets.
+    Cost: O(nq · n · B / 8) word operations via `faiss.hammings` (OpenMP, 64-bit popcount), chosen
+    over numpy `bitwise_count` and IndexBinaryFlat search with k=n (a heap over every item); figures
+    in BENCHMARKS.md sections 2-4. Output memory is 4 · nq · n bytes; chunk queries for big sets.
     """
     q = np.ascontiguousarray(query_codes, dtype=np.uint8)
     x = np.ascontiguousarray(db_codes, dtype=np.uint8)
@@ -113,8 +112,8 @@ class TieBlocks:
 
 def hamming_topk(query_codes: np.ndarray, db_codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by Hamming distance: (scores = -distance float32, positions int64), (nq, k) each,
-    nearest first. faiss's heap kernel (`knn_hamming`): no (nq, n) matrix, ~0.05 ms/query for
-    69k x 64-bit codes on one core (bench/search.py). Ties are broken by faiss, not tie-aware:
+    nearest first. faiss's heap kernel (`knn_hamming`): no (nq, n) matrix, O(nq · n · B / 8)
+    (speed: bench/search.py, BENCHMARKS.md section 4). Ties are broken by faiss, not tie-aware:
     use `hamming_scores` + the metrics for evaluation."""
     q = np.ascontiguousarray(query_codes, dtype=np.uint8)
     db = np.ascontiguousarray(db_codes, dtype=np.uint8)
@@ -323,8 +322,7 @@ def mean_average_precision(scores: np.ndarray | ScoreChunkFn, query_labels: np.n
         Queries without any relevant item count as 0 (a warning says how many).
 
     Cost: O(nq · n) for integer scores (Hamming), O(nq · n log n) otherwise, plus the scorer's own
-    cost. 1000 × 70000 at 64 bits (Hamming scoring included) takes ~1 s on 2 shared cores;
-    float scores (sort path) ~3 s plus scoring.
+    cost (the integer path is the faster one).
     """
     ql = np.asarray(query_labels).ravel()
     dl = np.asarray(db_labels).ravel()

@@ -53,8 +53,8 @@ class OpqConfig:
     features (EfficientNet's 1280-d) affordable: the rotation is learnt on <= `rotation_rows` rows.
 
     Bytes per item: bits / 8. Fit cost: opq_iters × (4-iteration PQ training + a D'×D SVD and an
-    (rotation_rows × D) @ (D × D') product), plus the final PQ's cost on <= 65536 rotated rows
-    (measured at D=1280, D'=256, 1 core: ~1.4 s per round); parameters 4 · D · D' bytes more than PQ.
+    (rotation_rows × D) @ (D × D') product), plus the final PQ's cost on <= 65536 rotated rows;
+    parameters 4 · D · D' bytes more than PQ.
     Encode: O(D · D' + 256 · D') per item. Search: rotate the query, then as PQ.
     """
 

@@ -10,7 +10,7 @@ matching record so a card says how its settings were chosen. Pure: no I/O.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np

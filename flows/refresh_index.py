@@ -18,7 +18,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.build_index import build_index, run_build, summary
+from flows.build_index import build_index
+from flows.index_publish import publish_version, summary
 from flows.limits import ensure_heavy_limit
 from infra import indexes as ix
 from infra import layout
@@ -92,7 +93,7 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
             delta={"added": [r.key for r in delta.added], "changed": [r.key for r in delta.changed],
                    "removed": [i["key"] for i in delta.removed], "unchanged": delta.unchanged},
             removal_reason=allow_removal if delta.removed else None)
-        res = run_build(cfg, store, plan, batches, current, asked, plan_s=time.perf_counter() - t0, base=prev,
+        res = publish_version(cfg, store, plan, batches, current, asked, plan_s=time.perf_counter() - t0, base=prev,
                         drop_parts=delta.drop_parts, trained=trained, eval_parts=[r.part for r in todo],
                         cleanup_on_loss=False)
         staged += res.pop("staged", [])
