@@ -13,6 +13,9 @@ included, runs none and keeps such a slot taken for good.
 from __future__ import annotations
 
 import logging
+from typing import Iterable
+
+from prefect import Task
 
 HEAVY_TAG = "heavy"
 LOG = logging.getLogger(__name__)
@@ -59,3 +62,38 @@ def _server_reaps_leases(client) -> bool:
     except Exception as e:  # noqa: BLE001 - an older or locked-down server: keep the limit
         LOG.debug("could not read the server's repossessor setting: %s", e)
         return True
+
+
+def limited_tags(tags: Iterable[str]) -> frozenset[str]:
+    """The tags among `tags` that the Prefect server holds an active concurrency limit for (the
+    server's "tag:<tag>" limits, which `ensure_heavy_limit` creates). A tag whose limit cannot be
+    read is counted as limited. Cost: one Prefect API read per tag."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    limited = set()
+    with get_client(sync_client=True) as client:
+        for tag in set(tags):
+            try:
+                if client.read_global_concurrency_limit_by_name(f"tag:{tag}").active:
+                    limited.add(tag)
+            except ObjectNotFound:
+                pass
+            except Exception as e:  # noqa: BLE001 - unreadable: keep the tag, the server decides per run
+                LOG.debug("concurrency limit of tag %r not read (the tag stays): %s", tag, e)
+                limited.add(tag)
+    return frozenset(limited)
+
+
+def only_limited_tags(task: Task, limited: frozenset[str]) -> Task:
+    """`task` carrying only those of its tags in `limited`. Why: Prefect asks the server for a slot
+    of every tag a task run carries (a write transaction), limit or none; on the SQLite server a
+    transaction that collides with another answers 503 and the client retries after ~2 s
+    (BENCHMARKS.md section 1). A tag without a limit takes no slot, so dropping it changes nothing
+    but the run's tag list. Cost: none (a copy of the task)."""
+    keep = set(task.tags) & limited
+    if keep == set(task.tags):
+        return task
+    copy = task.with_options()
+    copy.tags = keep  # with_options(tags=set()) would keep the old tags
+    return copy

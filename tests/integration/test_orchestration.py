@@ -127,6 +127,48 @@ def test_heavy_limit_keeps_heavy_tasks_apart(prefect_server):
             c.delete_concurrency_limit_by_tag("heavy")
 
 
+def test_extract_tasks_carry_heavy_tag_only_while_the_server_limits_it(prefect_server, local_settings):
+    """A task run asks the server for a slot of every tag it carries, limit or none (a write that
+    can answer 503 and cost a ~2 s retry): the extract flow drops a tag without a server limit
+    (its task runs carry no "heavy"/"io"), and keeps "heavy" on its shard task runs while the
+    server holds a "heavy" limit, so that limit still applies to them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.extract_features import extract_features
+    from flows.ingest import ingest
+    from flows.limits import limited_tags
+
+    cfg = settings_dict(local_settings)
+    ingest("digits", shard_rows=900, settings=cfg)
+    register_untrained_cnn(open_store(local_settings))
+
+    def shard_task_tags() -> list[set[str]]:
+        state = extract_features("digits", "test-cnn", force=True, settings=cfg, return_state=True)
+        assert state.is_completed() and state.result()["done"] == 2
+
+        async def read():
+            async with get_client() as c:
+                return await c.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+        runs = anyio.run(read)
+        assert {r.name.split(" ")[0].split("-")[0] for r in runs} >= {"extract", "check_ids_across_shards"}, runs
+        return [set(r.tags) for r in runs if r.name.startswith("extract ")] + \
+            [set(r.tags) for r in runs if r.name.startswith("check_ids")]
+
+    assert limited_tags({"heavy", "io"}) == frozenset()
+    assert shard_task_tags() == [set(), set(), set()]
+    with get_client(sync_client=True) as c:
+        c.create_concurrency_limit(tag="heavy", concurrency_limit=2)
+    try:
+        assert limited_tags({"heavy", "io"}) == {"heavy"}
+        assert shard_task_tags() == [{"heavy"}, {"heavy"}, set()]
+    finally:  # as above: the session's other tests run without a heavy limit
+        with get_client(sync_client=True) as c:
+            c.delete_concurrency_limit_by_tag("heavy")
+
+
 @pytest.mark.s3
 def test_backfill_by_partition_date(prefect_server, s3_settings):
     """Ingest records each shard's partition date; a date backfill runs exactly the parts that
