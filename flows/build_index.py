@@ -45,7 +45,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
                 memory_budget: str | int = "2GB", force: bool = False, shards_per_task: int | None = None,
                 index_type: str | None = None, exclude_split: str | None = None,
                 recall_target: float = ix.RECALL_TARGET, device: str = "cpu",
-                settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                merge_on_disk: bool | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build and publish index `name` over codes/<dataset>/<coder_id>/ at `bits` (default: full).
 
     The index holds every stored item unless `exclude_split` names a raw split (e.g. 'query', the
@@ -58,6 +58,9 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     `index_type`: our type name or a faiss index_factory string ('IVF4096,PQ8x8', 'BIVF1024'); None:
     the memory-budget rule chooses. IVF / HNSW indexes get the smallest nprobe / efSearch reaching
     recall@10 >= `recall_target` against exact search (build.json 'plan' and 'eval.tuning').
+    `merge_on_disk`: merge the IVF partials into one index.ivfdata file published beside index.faiss
+    (True), in memory (False), or by the rule (None: on disk when 2 x the index exceeds the budget;
+    `ix.choose_merge`), recorded in build.json ('merge_on_disk_requested', 'plan.ondisk').
     `device`: 'cuda' trains coarse quantizers with faiss on the GPU (falls back to CPU, logged).
     Returns a small summary: status, version, uri, n, index_type, recall_at_10, p50/p99 ms, seconds.
     """
@@ -92,6 +95,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     n, bpi = sum(rows), coder.bytes_per_item(bits)
     plan = ix.choose_index(n, bpi, ix.index_kind(coder), budget, adc_engine=ix.adc_engine_for(coder, bits),
                            index_type=index_type, codec=ix.codec_of(coder, bits))
+    plan = ix.choose_merge(plan, budget, merge_on_disk)
     per = shards_per_task or ix.shards_per_task(n / len(refs), bpi, budget, cfg.max_workers, len(refs))
     batches = [refs[i:i + per] for i in range(0, len(refs), per)]
     log.info("index %s: %s over N=%d %s codes of %d bytes (%s; ~%s resident), %d shards in %d batches",
@@ -100,6 +104,7 @@ def build_index(dataset: str, coder_id: str, bits: int | None = None, name: str 
     asked = ix.BuildRecord(format=ix.FORMAT, name=name, mode="build", dataset=dataset, coder_id=coder_id,
                            coder_checksum=card["checksum"], method=card.get("method", coder.method),
                            model_id=card.get("model_id"), bits=bits, memory_budget=budget,
-                           index_type_requested=index_type, exclude_split=exclude_split, based_on=None,
+                           index_type_requested=index_type, merge_on_disk_requested=merge_on_disk,
+                           exclude_split=exclude_split, based_on=None,
                            recall_target=recall_target, device=use_device(device))
     return publish_version(cfg, store, plan, batches, current, asked, plan_s=time.perf_counter() - t0)

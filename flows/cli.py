@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "hnsw) or a faiss factory string over the stored codes ('IVF4096,PQ8x8', 'BIVF1024', "
                          "'HNSW32,Flat'); default: the cheapest that fits --memory-budget")
     sp.add_argument("--recall-target", type=float, help="tune nprobe/efSearch to this recall@10 (default 0.95)")
+    sp.add_argument("--merge-on-disk", action=argparse.BooleanOptionalAction, default=None,
+                    help="IVF: merge the partials into one index.ivfdata file (--merge-on-disk) or in memory "
+                         "(--no-merge-on-disk); default: on disk when twice the index exceeds --memory-budget")
     sp.add_argument("--build-device", choices=["cpu", "cuda"], default="cpu",
                     help="where faiss trains the coarse quantizer (cuda falls back to cpu with a message)")
     sp.add_argument("--shards-per-task", type=int, help="code shards per partial-index task (default: by memory)")

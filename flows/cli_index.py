@@ -17,7 +17,7 @@ def cmd_index_build(args) -> int:
     s = run_flow(build_index, args, dataset=args.dataset, coder_id=args.coder, bits=args.bits, name=args.name,
                  memory_budget=args.memory_budget, force=args.force, shards_per_task=args.shards_per_task,
                  index_type=args.index_type, exclude_split=args.exclude_split, device=args.build_device,
-                 **({"recall_target": args.recall_target} if args.recall_target else {}))
+                 merge_on_disk=args.merge_on_disk, **({"recall_target": args.recall_target} if args.recall_target else {}))
     print_json(s)
     if s["status"] == "superseded":
         print(f"codeshard index build: another run published v{s.get('current_version')} of {s['name']} first; "

@@ -4,7 +4,8 @@ Reads CURRENT's build.json (its input shards with checksums), lists the codes pr
 shards that are new or changed; unchanged shards are never opened. New rows are appended to a copy of
 the current index; rows of changed or deleted shards are removed first (faiss remove_ids on flat
 code indexes). IVF and HNSW indexes cannot drop rows here: a change or deletion there triggers a
-documented full rebuild (`build_index`, force=True).
+documented full rebuild (`build_index`, force=True); so does any change to an IVF index merged on disk
+(its published lists are read-only: new rows would need a second on-disk merge).
 
 Concurrency: CURRENT moves only by a conditional write on the ETag read at the start. A refresh that
 loses the race re-reads CURRENT and plans again on top of it: usually the winner already added the
@@ -65,12 +66,14 @@ def refresh_index(name: str, settings: dict[str, Any] | None = None, max_attempt
         plan = ix.IndexPlan.from_dict(prev.plan)
         log.info("index %s v%d: %d added, %d changed, %d removed, %d unchanged shards (attempt %d)", name,
                  current.version, len(delta.added), len(delta.changed), len(delta.removed), delta.unchanged, attempt)
-        if delta.drop_parts and plan.index_type not in ix.REMOVABLE:
-            log.warning("index %s is %s, which cannot drop rows of changed/removed shards: full rebuild",
-                        name, plan.index_type)
+        if plan.ondisk or (delta.drop_parts and plan.index_type not in ix.REMOVABLE):
+            log.warning("index %s is %s%s, which cannot %s: full rebuild", name, plan.index_type,
+                        " merged on disk" if plan.ondisk else "",
+                        "take rows in place" if plan.ondisk else "drop rows of changed/removed shards")
             return build_index(prev.dataset, prev.coder_id, prev.bits, name,
                                memory_budget=prev.memory_budget, force=True,
-                               index_type=prev.index_type_requested, settings=settings)
+                               index_type=prev.index_type_requested,
+                               merge_on_disk=prev.merge_on_disk_requested, settings=settings)
         todo = delta.to_read
         mean_rows = prev.n / max(1, len(prev.inputs))
         per = shards_per_task or ix.shards_per_task(mean_rows, plan.bytes_per_item, prev.memory_budget,

@@ -380,12 +380,12 @@ def code_index_from_bytes(plan: IndexPlan, bits: int, index_data: bytes, ids_dat
 
 
 
-
 def code_index_from_file(plan: IndexPlan, bits: int, index_path: str, ids_data: bytes,
                          mmap: bool = True) -> CodeIndex:
-    """A CodeIndex over a local index file (memory-mapped by default) and ids.parquet bytes."""
+    """A CodeIndex over a local index file (memory-mapped by default; an on-disk plan's lists from the
+    .ivfdata file beside it) and ids.parquet bytes."""
     ids, parts = ids_from_bytes(ids_data)
-    ci = CodeIndex(plan, bits, index_from_file(index_path, plan.binary_storage, mmap), ids, parts)
+    ci = CodeIndex(plan, bits, index_from_file(index_path, plan.binary_storage, mmap, plan.ondisk), ids, parts)
     if ci.ntotal != len(ids):
         raise IndexBuildError(f"index {index_path} holds {ci.ntotal} items but ids.parquet {len(ids)}")
     configure_search(ci)

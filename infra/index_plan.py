@@ -17,6 +17,10 @@ The index-choice rule (`choose_index`), in words:
     coarse quantizer only routes, so nothing is re-encoded and nprobe = nlist is the flat scan.
   * float features (the `float` coder): `IndexFlatL2` (exact) up to 1M items, else `IndexIVFFlat`
     when it fits, else flat; `hnsw` (IndexHNSWFlat, M=32) only when asked for.
+  * IVF merge (`choose_merge`): ivf-flat / ivf-pq / ivf-rq partials are merged on disk (faiss
+    `merge_ondisk`: the lists go into one index.ivfdata file, never all in RAM) when asked, or, when
+    not asked, when the in-memory merge (~2 x memory_bytes) would exceed the budget. binary-ivf
+    always merges in memory (faiss has no on-disk lists for IndexBinaryIVF).
   * IVF types: nlist ~ 4 sqrt(N) (`ivf_nlist`); nprobe starts at nlist/16 (at least 16) and the build
     tunes it to a recall target (`tasks/index.py`), recorded in build.json. IVF and HNSW cut search
     time, not memory: they hold every code too.
@@ -43,6 +47,7 @@ TYPES_BY_KIND = {"binary": (BINARY_FLAT, BINARY_IVF), "adc": (PQ_LUT, RQ_LUT, CO
                  "float": (FLAT, IVF_FLAT, HNSW)}
 EXACT_TYPES = (BINARY_FLAT, PQ_LUT, RQ_LUT, CODER_LUT, FLAT)
 IVF_TYPES = (BINARY_IVF, IVF_FLAT, IVF_PQ, IVF_RQ)
+ONDISK_TYPES = (IVF_FLAT, IVF_PQ, IVF_RQ)  # faiss OnDiskInvertedLists serve float-index IVF only
 BINARY_STORAGE = (BINARY_FLAT, BINARY_IVF, CODER_LUT)  # faiss IndexBinary objects
 REMOVABLE = (BINARY_FLAT, PQ_LUT, RQ_LUT, CODER_LUT, FLAT)  # remove_ids compacts, order kept
 APPROX_OF = {BINARY_FLAT: BINARY_IVF, PQ_LUT: IVF_PQ, RQ_LUT: IVF_RQ, FLAT: IVF_FLAT}  # coder-lut: none
@@ -82,6 +87,8 @@ class IndexPlan:
     merge holds the final index, one partial and the serialised bytes (~2 × memory_bytes).
     Search: flat types scan N·B bytes per query; IVF types ~nprobe/nlist of it; hnsw ~ef_search·M·B.
     `factory`: the faiss index_factory string of the index (recorded in build.json).
+    `ondisk`: the partials are merged on disk and the lists published as index.ivfdata beside
+    index.faiss (`choose_merge`); the merge then holds one partial's pages and the ids, not the lists.
     """
 
     kind: str              # binary | adc | float
@@ -96,6 +103,7 @@ class IndexPlan:
     ef_search: int = 0
     reason: str = ""
     factory: str = ""
+    ondisk: bool = False
 
     @property
     def needs_training(self) -> bool:
@@ -282,6 +290,21 @@ def _plan(index_type: str, n: int, b: int, kind: str, reason: str, codec: str = 
         nlist=nlist, nprobe=ivf_nprobe(nlist) if nlist else 0,
         hnsw_m=m, ef_search=HNSW_EF_SEARCH if index_type == HNSW else 0,
         reason=reason, factory=factory_string(index_type, codec, nlist, m))
+
+
+def choose_merge(plan: IndexPlan, memory_budget_bytes: int, asked: bool | None = None) -> IndexPlan:
+    """`plan` with `ondisk` set by the written rule (module docstring): `asked` True/False wins
+    (True on a type without on-disk lists raises ValueError); None: on disk for ONDISK_TYPES when
+    2 x memory_bytes (the in-memory merge) exceeds the budget. The reason is appended. Pure."""
+    if asked and plan.index_type not in ONDISK_TYPES:
+        raise ValueError(f"an on-disk merge needs one of {ONDISK_TYPES}, not {plan.index_type}")
+    if asked is None:
+        on = plan.index_type in ONDISK_TYPES and 2 * plan.memory_bytes > memory_budget_bytes
+        why = (f"merge on disk: 2 x {human_bytes(plan.memory_bytes)} > budget {human_bytes(memory_budget_bytes)}"
+               if on else "merge in memory")
+    else:
+        on, why = bool(asked), f"merge {'on disk' if asked else 'in memory'}: asked for"
+    return dataclasses.replace(plan, ondisk=on, reason=f"{plan.reason}; {why}")
 
 
 def shards_per_task(mean_rows: float, bytes_per_item: int, memory_budget_bytes: int, max_workers: int,

@@ -3,6 +3,7 @@
 Store layout of one index (keys and file names from infra/layout.py):
     indexes/<name>/v000007/_claim.json   conditional create (If-None-Match): one writer per version
     indexes/<name>/v000007/index.faiss   faiss.serialize_index / serialize_index_binary bytes
+    indexes/<name>/v000007/index.ivfdata plan.ondisk only: the inverted lists index.faiss reads them from
     indexes/<name>/v000007/ids.parquet   position -> id int64, part int32 (the code shard it came from)
     indexes/<name>/v000007/trained.faiss IVF kinds only: the empty trained index refreshes add into
     indexes/<name>/v000007/build.json    written last: a version directory with build.json is complete
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import resource
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from typing import Any, ClassVar
 
 from infra import layout
 from infra.code_index import CodeIndex, code_index_from_bytes, code_index_from_file
-from infra.index_files import ids_bytes, index_to_bytes
+from infra.index_files import ids_bytes, index_to_bytes, ivfdata_path_of
 from infra.index_plan import IndexBuildError, IndexPlan
 from infra.store import NotFound, PreconditionFailed, Store
 
@@ -36,6 +38,7 @@ FORMAT = 1  # of build.json / partial stats; bump when the partial format change
 # file names and keys are infra/layout.py's; named here too for the callers of infra.indexes
 INDEX_FILE, IDS_FILE, BUILD_FILE = layout.INDEX_FILE, layout.IDS_FILE, layout.BUILD_FILE
 TRAINED_FILE, CLAIM_FILE, STATS_FILE = layout.TRAINED_FILE, layout.CLAIM_FILE, layout.STATS_FILE
+IVFDATA_FILE = layout.IVFDATA_FILE
 version_key = layout.index_version_key
 staging_key_prefix = layout.index_staging_prefix
 
@@ -60,6 +63,7 @@ class BuildRecord:
     bits: int
     memory_budget: int
     index_type_requested: str | None = None
+    merge_on_disk_requested: bool | None = None  # None: the rule chose (plan.ondisk says what it chose)
     exclude_split: str | None = None
     based_on: int | None = None
     device: str = "cpu"
@@ -160,13 +164,19 @@ def claim_version(store: Store, name: str, after: int, build_id: str, max_tries:
 
 def write_version_files(store: Store, name: str, version: int, ci: CodeIndex,
                         trained: bytes | None = None) -> dict[str, int]:
-    """Write index.faiss, ids.parquet (and trained.faiss) into a claimed version. build.json, the
-    completion marker, is written separately (`write_build`). Returns the bytes written per file."""
-    data = index_to_bytes(ci.index)
+    """Write index.faiss, ids.parquet (and trained.faiss; for an on-disk plan index.ivfdata, streamed
+    from its local file) into a claimed version. build.json, the completion marker, is written
+    separately (`write_build`). Returns the bytes written per file."""
+    sizes = {}
+    if ci.plan.ondisk:
+        path = ivfdata_path_of(ci.index)
+        store.upload_file(version_key(name, version, IVFDATA_FILE), path)
+        sizes["ivfdata_bytes"] = os.path.getsize(path)
+    data = index_to_bytes(ci.index)  # an on-disk index serialises its list offsets and file name only
     store.write_bytes(version_key(name, version, INDEX_FILE), data)
     ids = ids_bytes(ci.ids, ci.parts)
     store.write_bytes(version_key(name, version, IDS_FILE), ids)
-    sizes = {"index_bytes": len(data), "ids_bytes": len(ids)}
+    sizes.update({"index_bytes": len(data), "ids_bytes": len(ids)})
     if trained is not None:
         store.write_bytes(version_key(name, version, TRAINED_FILE), trained)
         sizes["trained_bytes"] = len(trained)
@@ -185,29 +195,37 @@ def load_version(store: Store, name: str, version: int, build: BuildRecord | Non
     memory (transient ~2 × the index: the bytes and the index). With `cache_dir`: downloads
     index.faiss once to <cache_dir>/<name>/v<version>/ (kept; named by version, which never changes)
     and memory-maps it (IO_FLAG_MMAP): the codes live in the page cache, so a reload does not hold
-    two private copies."""
+    two private copies. An on-disk plan (index.faiss + index.ivfdata) is always read from local files:
+    without `cache_dir` they go to a temporary directory deleted once faiss has mapped them."""
     build = build or read_build(store, name, version)
     plan = IndexPlan.from_dict(build.plan)
     ids = store.read_bytes(version_key(name, version, IDS_FILE))
-    if cache_dir is None:
+    if cache_dir is None and plan.ondisk:
+        with tempfile.TemporaryDirectory(prefix="codeshard-ivf-") as tmp:
+            path = cached_index_file(store, name, version, tmp, ondisk=True)
+            ci = code_index_from_file(plan, build.bits, path, ids)  # the mapping outlives the unlink
+    elif cache_dir is None:
         ci = code_index_from_bytes(plan, build.bits, store.read_bytes(version_key(name, version, INDEX_FILE)),
                                    ids)
     else:
-        path = cached_index_file(store, name, version, cache_dir)
+        path = cached_index_file(store, name, version, cache_dir, ondisk=plan.ondisk)
         ci = code_index_from_file(plan, build.bits, path, ids, mmap=True)
     return ci, build
 
 
-def cached_index_file(store: Store, name: str, version: int, cache_dir: str) -> str:
+def cached_index_file(store: Store, name: str, version: int, cache_dir: str, ondisk: bool = False) -> str:
     """Local path of index.faiss of a version under `cache_dir`, downloaded (streamed, then renamed
-    into place) when absent. Versions are immutable once published, so a present file is valid."""
+    into place) when absent; `ondisk`: index.ivfdata too, into the same directory and before
+    index.faiss (whose presence marks both complete). Versions are immutable once published, so a
+    present file is valid."""
     d = os.path.join(cache_dir, name, f"v{version:06d}")
     path = os.path.join(d, INDEX_FILE)
     if not os.path.exists(path):
         os.makedirs(d, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.part"
-        store.download_file(version_key(name, version, INDEX_FILE), tmp)
-        os.replace(tmp, path)
+        for f in ([IVFDATA_FILE] if ondisk else []) + [INDEX_FILE]:
+            tmp = os.path.join(d, f"{f}.{uuid.uuid4().hex[:8]}.part")
+            store.download_file(version_key(name, version, f), tmp)
+            os.replace(tmp, os.path.join(d, f))
     return path
 
 

@@ -23,16 +23,16 @@ from infra.code_search import (CODER_LUT_CHUNK_BYTES, GALLERY, LATENCY_QUERIES, 
                                query_vectors, reference_scores, search_prepared, stored_codes_at,
                                stored_vectors_at, tune_search)
 from infra.index_files import (ids_bytes, ids_from_bytes, index_from_bytes, index_from_file,  # noqa: F401
-                               index_to_bytes)
+                               index_to_bytes, ivfdata_path_of, merge_ivf_on_disk)
 from infra.index_plan import (APPROX_OF, BINARY_FLAT, BINARY_IVF, BINARY_STORAGE, CODER_LUT,  # noqa: F401
                               EXACT_TYPES, EXTRA_BYTES, FLAT, FLAT_MAX_ITEMS, HNSW, HNSW_EF_SEARCH, HNSW_M,
                               ID_BYTES, IVF_FLAT, IVF_PQ, IVF_RQ, IVF_TRAIN_MAX_ROWS, IVF_TRAIN_NITER,
-                              IVF_TRAIN_PER_LIST, IVF_TYPES, KINDS, PQ_LUT, RECALL_TARGET,
+                              IVF_TRAIN_PER_LIST, IVF_TYPES, KINDS, ONDISK_TYPES, PQ_LUT, RECALL_TARGET,
                               REMOVABLE, RQ_LUT, TYPES_BY_KIND, IndexBudgetError, IndexBuildError, IndexPlan,
-                              RefreshDelta, check_shrink, choose_index, factory_string, human_bytes,
+                              RefreshDelta, check_shrink, choose_index, choose_merge, factory_string, human_bytes,
                               index_memory_bytes, ivf_nlist, ivf_nprobe, ivf_train_rows, nprobe_candidates,
                               parse_bytes, parse_index_type, plan_refresh, shards_per_task)
-from infra.index_versions import (BUILD_FILE, CLAIM_FILE, FORMAT, IDS_FILE, INDEX_FILE, STATS_FILE,  # noqa: F401
+from infra.index_versions import (BUILD_FILE, CLAIM_FILE, FORMAT, IDS_FILE, INDEX_FILE, IVFDATA_FILE, STATS_FILE,  # noqa: F401
                                   TRAINED_FILE, BuildRecord, Current, cached_index_file, claim_version,
                                   commit_current, digest_of, discard_version, load_version, new_build_id,
                                   peak_rss_bytes, read_build, read_current, staging_key_prefix, version_key, write_build,

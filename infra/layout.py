@@ -145,6 +145,7 @@ def index_current_key(name: str) -> str:
 # the files of one index version (index, ids, build record, trained quantizer, claim) and of a staged batch
 INDEX_FILE, IDS_FILE, BUILD_FILE = "index.faiss", "ids.parquet", "build.json"
 TRAINED_FILE, CLAIM_FILE, STATS_FILE = "trained.faiss", "_claim.json", "stats.json"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an index merged on disk (OnDiskInvertedLists)
 
 
 def index_version_key(name: str, version: int, filename: str) -> str:

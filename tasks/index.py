@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -201,7 +203,10 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     """Merge staged partials (in order) onto an empty index, or onto a copy of `base_version` minus
     the rows of `drop_parts`; claim the next free version > `claim_after` and write its index.faiss
     and ids.parquet (build.json comes from `evaluate_version`). Peak memory ~ 2 × the final index
-    (the index and its serialised bytes) + one partial. Returns the version and counts."""
+    (the index and its serialised bytes) + one partial. An on-disk plan (`plan.ondisk`, no base)
+    downloads the partials to a local temporary directory and merges their lists into one
+    index.ivfdata file there (`ix.merge_ivf_on_disk`); memory is then the ids (12 bytes per item)
+    and mapped pages, disk ~2 × the lists. Returns the version and counts."""
     log = logger()
     store = shared_store(settings)
     p = ix.IndexPlan.from_dict(plan)
@@ -209,13 +214,18 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     t0 = time.perf_counter()
     trained_bytes = store.read_bytes(trained["key"]) if trained else None
     removed = 0
-    if base_version is not None:
+    tmp = tempfile.TemporaryDirectory(prefix="codeshard-merge-") if p.ondisk else None
+    if p.ondisk:
+        if base_version is not None:
+            raise ix.IndexBuildError(f"index {name}: an on-disk IVF version is not refreshed in place; rebuild")
+        ci = _merge_on_disk(store, p, bits, partials, trained_bytes, tmp.name)
+    elif base_version is not None:
         ci, _ = ix.load_version(store, name, base_version)
         removed = ix.remove_parts(ci, drop_parts or []) if drop_parts else 0
     else:
         ci = ix.CodeIndex(p, bits, ix.new_index(p, coder, bits, trained_bytes, final=True),
                           np.zeros(0, np.int64), np.zeros(0, np.int32))
-    for part in partials:
+    for part in partials if not p.ondisk else []:
         if not part["rows"]:
             continue
         src = ix.code_index_from_bytes(p, bits, store.read_bytes(part["staging"] + ix.INDEX_FILE),
@@ -241,10 +251,36 @@ def merge_index(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     except BaseException:
         ix.discard_version(store, name, version)
         raise
-    log.info("index %s: merged %d partials -> v%d, N=%d (%d removed) in %.2fs",
-             name, len(partials), version, n, removed, merge_s)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    log.info("index %s: merged %d partials %s -> v%d, N=%d (%d removed) in %.2fs", name, len(partials),
+             "on disk" if p.ondisk else "in memory", version, n, removed, merge_s)
     return {"version": version, "n": n, "removed": removed, "duplicates": duplicates, "merge_s": merge_s,
             "peak_rss_bytes": ix.peak_rss_bytes(), **sizes}
+
+
+def _merge_on_disk(store: Store, p: ix.IndexPlan, bits: int, partials: list[dict[str, Any]],
+                   trained_bytes: bytes | None, tmp: str) -> ix.CodeIndex:
+    """The partials' lists merged into <tmp>/index.ivfdata (their files streamed to `tmp`, deleted
+    after the merge), with the concatenated ids and parts, in partial order."""
+    if trained_bytes is None:
+        raise ix.IndexBuildError(f"{p.index_type} needs its trained coarse quantizer")
+    paths, ids, parts = [], [], []
+    for i, part in enumerate(x for x in partials if x["rows"]):
+        paths.append(os.path.join(tmp, f"partial-{i}.faiss"))
+        store.download_file(part["staging"] + ix.INDEX_FILE, paths[-1])
+        a, b = ix.ids_from_bytes(store.read_bytes(part["staging"] + ix.IDS_FILE))
+        ids.append(a)
+        parts.append(b)
+    index = ix.merge_ivf_on_disk(trained_bytes, paths, os.path.join(tmp, ix.IVFDATA_FILE))
+    for path in paths:
+        os.remove(path)
+    ci = ix.CodeIndex(p, bits, index, np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                      np.concatenate(parts) if parts else np.zeros(0, np.int32))
+    if ci.ntotal != len(ci.ids):
+        raise ix.IndexBuildError(f"on-disk merge holds {ci.ntotal} items but the partials' ids {len(ci.ids)}")
+    return ci
 
 
 @task(name="evaluate_version", retries=2, retry_delay_seconds=exponential_backoff(1),

@@ -363,3 +363,60 @@ def test_large_objects_upload_in_parts_and_download_whole(s3_settings, tmp_path)
     store.download_file("big/index.faiss", str(tmp_path / "back.faiss"))
     assert (tmp_path / "back.faiss").read_bytes() == data and store.read_bytes("big/again.faiss") == data
     assert store.head("big/index.faiss").etag == etag
+
+
+def test_ivf_merged_on_disk_searches_like_the_in_memory_merge_and_refresh_rebuilds_it(prefect_server, s3_settings,
+                                                                                      tmp_path):
+    """IVF-PQ over 3 batches merged on disk (index.faiss + index.ivfdata published, downloaded to the
+    searcher's cache and read from there): the same top-10 ids and scores as the in-memory merge, with
+    the tuned nprobe and with nprobe = nlist. A refresh that adds a shard rebuilds it in full (mode
+    'build', still on disk; the same top-10 as an in-memory full build), and so does one that removes a
+    shard once the removal has a stated reason (the removed shard's ids are gone)."""
+    cfg = settings_dict(s3_settings)
+    store = open_store(s3_settings)
+    coders = fit_coders(store, ("pq",))
+    write_parts(store, coders, range(8))
+    _, db_x, _ = synthetic(range(9))
+    queries = db_x[::100] + 0.05
+    kw = dict(index_type="IVF32,PQ4x8", recall_target=0.9, shards_per_task=3, settings=cfg)
+    mem = build_index(DATASET, "pq-test", 32, "synth-ivf-mem", **kw)
+    od = build_index(DATASET, "pq-test", 32, "synth-ivf-disk", merge_on_disk=True, **kw)
+    assert (od["status"], od["n"], od["batches"]["total"]) == ("published", 2400, 3)
+    b, bm = ix.read_build(store, "synth-ivf-disk", 1), ix.read_build(store, "synth-ivf-mem", 1)
+    assert b.plan["ondisk"] and b.merge_on_disk_requested is True and "merge on disk" in b.plan["reason"]
+    assert not bm.plan["ondisk"] and bm.merge_on_disk_requested is None  # the rule: small -> in memory
+    assert store.head(ix.version_key("synth-ivf-disk", 1, ix.IVFDATA_FILE)).size > 2400 * 4
+    assert store.head(ix.version_key("synth-ivf-mem", 1, ix.IVFDATA_FILE)) is None
+    assert b.plan["nprobe"] == bm.plan["nprobe"]
+
+    def same_top10(version: int, cached: bool) -> None:
+        s_disk = Searcher(store, "synth-ivf-disk", cache_dir=str(tmp_path / "cache") if cached else None)
+        s_mem = Searcher(store, "synth-ivf-mem")
+        assert s_disk.current().version == version
+        for nprobe in (None, 32):
+            a = s_disk.search(queries, k=10, with_metadata=False, nprobe=nprobe)
+            r = s_mem.search(queries, k=10, with_metadata=False, nprobe=nprobe)
+            np.testing.assert_array_equal(a.ids, r.ids)
+            np.testing.assert_array_equal(a.scores, r.scores)
+
+    same_top10(1, cached=True)
+    vdir = tmp_path / "cache" / "synth-ivf-disk" / "v000001"
+    assert sorted(p.name for p in vdir.iterdir()) == [ix.INDEX_FILE, ix.IVFDATA_FILE]
+    same_top10(1, cached=False)  # read through a temporary directory
+
+    write_parts(store, coders, range(8, 9))  # a shard added: the on-disk index is rebuilt in full
+    assert build_index(DATASET, "pq-test", 32, "synth-ivf-mem", force=True, **kw)["n"] == 2700  # retrained alike
+    r = refresh_index("synth-ivf-disk", settings=cfg)
+    assert (r["status"], r["version"], r["n"], r["based_on"]) == ("published", 2, 2700, None)
+    b2 = ix.read_build(store, "synth-ivf-disk", 2)
+    assert b2.mode == "build" and b2.plan["ondisk"] and b2.merge_on_disk_requested is True
+    same_top10(2, cached=True)
+
+    store.delete(layout.codes_key(DATASET, "pq-test", 0))  # a shard removed, with a stated reason
+    with pytest.raises(ix.IndexBuildError, match="allow_removal"):
+        refresh_index("synth-ivf-disk", settings=cfg)
+    r = refresh_index("synth-ivf-disk", allow_removal="part 0 withdrawn", settings=cfg)
+    assert (r["version"], r["n"]) == (3, 2400) and ix.read_build(store, "synth-ivf-disk", 3).plan["ondisk"]
+    hits = Searcher(store, "synth-ivf-disk", cache_dir=str(tmp_path / "cache")).search(queries, k=10, nprobe=32,
+                                                                                        with_metadata=False)
+    assert hits.version == 3 and not np.isin(hits.ids, 1_000_000 + np.arange(ROWS)).any()  # part 0's ids

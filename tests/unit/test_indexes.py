@@ -330,3 +330,48 @@ def test_a_code_shard_is_read_whole_unless_a_split_is_excluded(local_settings):
     assert got.tolist() == ids.tolist() and len(codes) == 10 and left_out == 0
     got, codes, _, left_out = read_code_shard(store, ref, 2, exclude_split="query")
     assert got.tolist() == [1, 2, 3, 5, 6, 7, 9] and len(codes) == 7 and left_out == 3
+
+
+def test_choose_merge_rule_on_disk_when_two_indexes_exceed_the_budget_or_when_asked():
+    plan = ix.choose_index(10_000, 8, "adc", 10**9, adc_engine=ix.PQ_LUT, index_type="ivf-pq", codec="PQ8x8")
+    assert not ix.choose_merge(plan, 2 * plan.memory_bytes).ondisk  # small tests keep the in-memory merge
+    chosen = ix.choose_merge(plan, 2 * plan.memory_bytes - 1)
+    assert chosen.ondisk and "merge on disk: 2 x" in chosen.reason
+    assert ix.choose_merge(plan, 10**9, asked=True).ondisk
+    assert not ix.choose_merge(plan, 1, asked=False).ondisk
+    binary = ix.choose_index(10_000, 8, "binary", 10**9, index_type="binary-ivf")
+    assert not ix.choose_merge(binary, 1).ondisk  # no on-disk lists for IndexBinaryIVF
+    with pytest.raises(ValueError, match="on-disk merge needs one of"):
+        ix.choose_merge(binary, 10**9, asked=True)
+    assert ix.IndexPlan.from_dict({k: v for k, v in plan.as_dict().items() if k != "ondisk"}).ondisk is False
+
+
+def test_on_disk_merge_equals_the_in_memory_merge_after_the_files_move(tmp_path):
+    """Unequal partials merged with merge_ondisk into one .ivfdata file, both files moved to another
+    directory, read back (IO_FLAG_ONDISK_SAME_DIR): the same top-10 ids and distances as merge_from in
+    memory (labels are positions across the partials)."""
+    import faiss
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    trained = faiss.index_factory(16, "IVF16,PQ4x8")
+    trained.train(x)
+    tb = ix.index_to_bytes(trained)
+    mem, paths = ix.index_from_bytes(tb, False), []
+    for i, (lo, hi) in enumerate([(0, 1300), (1300, 2200), (2200, 3000)]):  # unequal partials
+        part = ix.index_from_bytes(tb, False)
+        part.add(x[lo:hi])
+        paths.append(str(tmp_path / f"p{i}.faiss"))
+        faiss.write_index(part, paths[-1])
+        mem.merge_from(part, mem.ntotal)
+    (tmp_path / "a").mkdir()
+    od = ix.merge_ivf_on_disk(tb, paths, str(tmp_path / "a" / ix.IVFDATA_FILE))
+    assert ix.ivfdata_path_of(od) == str(tmp_path / "a" / ix.IVFDATA_FILE)
+    faiss.write_index(od, str(tmp_path / "a" / ix.INDEX_FILE))
+    del od
+    (tmp_path / "a").rename(tmp_path / "b")
+    back = ix.index_from_file(str(tmp_path / "b" / ix.INDEX_FILE), binary=False, ondisk=True)
+    assert ix.ivfdata_path_of(back) == str(tmp_path / "b" / ix.IVFDATA_FILE) and back.ntotal == 3000
+    mem.nprobe = back.nprobe = 16
+    d1, i1 = mem.search(x[::60] + 0.01, 10)
+    d2, i2 = back.search(x[::60] + 0.01, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
