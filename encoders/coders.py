@@ -39,6 +39,14 @@ class Coder(ABC):
 
     method: ClassVar[str]
     symmetric: ClassVar[bool]
+    train_device: str = "cpu"  # where the next `fit` runs (`train_on`)
+
+    def train_on(self, device: str) -> bool:
+        """Run the next `fit` on `device` ('cpu', 'cuda', 'cuda:N'), already resolved by the caller
+        (the GPU is present). Returns False when this coder has no path for it and fits on the CPU
+        (the default for every coder but DRQ, torch, and pq/opq, faiss k-means); results do not
+        depend on the device beyond float rounding."""
+        return device == "cpu"
 
     @property
     @abstractmethod

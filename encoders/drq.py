@@ -113,6 +113,11 @@ class DRQCoder(Coder):
 
     # -- fit --------------------------------------------------------------------------------------
 
+    def train_on(self, device: str) -> bool:
+        """Any torch device: the net and batches live there during `fit`; the fitted net is on the CPU."""
+        self.train_device = device
+        return True
+
     def fit(self, train: np.ndarray, labels: np.ndarray,
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:
         """Staged training (embedding -> level 0 -> all levels) on `train` with its labels; `val` only
@@ -122,7 +127,7 @@ class DRQCoder(Coder):
     def _fit(self, train: np.ndarray, labels: np.ndarray,
              val: tuple[np.ndarray, np.ndarray] | None) -> FitReport:
         t0 = time.perf_counter()
-        self.net, t_embed = train_net(train, labels, self.config)
+        self.net, t_embed = train_net(train, labels, self.config, self.train_device)
         fit_s = time.perf_counter() - t0
         metrics = self.val_maps(*val) if val is not None else {}
         LOG.info("drq fit: %.1f s (embedding %.1f s), val %s", fit_s, t_embed, metrics)

@@ -29,7 +29,8 @@ class PerLevelDRQNet(DRQNet):
         self.level_scales = nn.Parameter(torch.zeros(0))  # kept so training's parameter groups are unchanged
 
     def scales(self, levels: int | None = None) -> torch.Tensor:
-        return torch.ones(self.cfg.levels if levels is None else levels, dtype=self.codebook.dtype)
+        return torch.ones(self.cfg.levels if levels is None else levels, dtype=self.codebook.dtype,
+                          device=self.codebook.device)
 
     def level_codebooks(self, levels: int) -> torch.Tensor:
         return self.codebook[:levels]
@@ -56,7 +57,7 @@ class PerLevelDRQNet(DRQNet):
 
     def reconstruct(self, b: torch.Tensor) -> torch.Tensor:
         """(n, L) level indices -> (n, D) z_hat = sum_m C_m[b_m]."""
-        levels = torch.arange(b.shape[1])
+        levels = torch.arange(b.shape[1], device=b.device)
         return self.codebook[levels[None, :], b].sum(1)
 
     @torch.no_grad()
@@ -64,6 +65,6 @@ class PerLevelDRQNet(DRQNet):
         """Plain residual-quantisation init: k-means of z for level 0, of each residual after."""
         r = z
         for m in range(self.cfg.levels):
-            self.codebook[m] = torch.from_numpy(_kmeans(r.numpy(), self.cfg.codebook_size, seed + m))
+            self.codebook[m] = torch.from_numpy(_kmeans(r.cpu().numpy(), self.cfg.codebook_size, seed + m)).to(r.device)
             cb = self.codebook[m]
             r = r - cb[(2 * r @ cb.T - (cb * cb).sum(1)).argmax(1)]  # nearest codeword, as k-means assigns

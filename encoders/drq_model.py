@@ -121,7 +121,7 @@ class DRQNet(nn.Module):
     def scales(self, levels: int | None = None) -> torch.Tensor:
         """(levels,) multipliers [1, s_1, ..., s_{levels-1}]."""
         levels = self.cfg.levels if levels is None else levels
-        return torch.cat([torch.ones(1, dtype=self.codebook.dtype), self.level_scales[: levels - 1]])
+        return torch.cat([torch.ones(1, dtype=self.codebook.dtype, device=self.codebook.device), self.level_scales[: levels - 1]])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(n, D_in) features -> (n, dim) unit vectors."""

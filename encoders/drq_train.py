@@ -87,10 +87,12 @@ def _init_scales(net: DRQNet, z: torch.Tensor) -> None:
         r = r - s * net.codebook[net.level_logits(r, s, (net.codebook ** 2).sum(1)).argmax(1)]
 
 
-def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig) -> tuple[DRQNet, float]:
-    """Staged training of a DRQNet on `train` (n, D_in) with its labels, in eval mode with frozen
-    parameters on return; also the seconds the embedding stage took. Cost: see DRQConfig. Seeds torch's
-    global RNG: callers fork it (`DRQCoder.fit`)."""
+def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig,
+              device: str = "cpu") -> tuple[DRQNet, float]:
+    """Staged training of a DRQNet on `train` (n, D_in) with its labels, on the torch `device` (the
+    arrays are copied there once; batch order is drawn on the CPU, so it does not depend on the
+    device), returned on the CPU in eval mode with frozen parameters; also the seconds the embedding
+    stage took. Cost: see DRQConfig. Seeds torch's global RNG: callers fork it (`DRQCoder.fit`)."""
     t0 = time.perf_counter()
     x = np.asarray(train, dtype=np.float32)
     if x.ndim != 2 or len(x) != len(labels):
@@ -101,14 +103,14 @@ def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig) -> tuple[DR
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    net = make_net(x.shape[1], cfg)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    net = make_net(x.shape[1], cfg).to(device)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
     net.mean.copy_(xt.mean(0))
     net.inv_std.copy_(1.0 / xt.std(0).clamp_min(1e-6))
-    proxies = nn.Parameter(torch.randn(n_classes, cfg.dim, generator=gen))
+    proxies = nn.Parameter(torch.randn(n_classes, cfg.dim, generator=gen).to(device))
 
     def batches():
-        perm = torch.randperm(len(xt), generator=gen)
+        perm = torch.randperm(len(xt), generator=gen).to(device)
         for i in range(0, len(perm), cfg.batch_size):
             j = perm[i: i + cfg.batch_size]
             yield xt[j], yt[j]
@@ -131,7 +133,7 @@ def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig) -> tuple[DR
         if cfg.codebooks == "per-level":
             net.init_codebooks(z_all, cfg.seed)  # plain residual-quantisation init (encoders/drq_levels.py)
         else:
-            net.codebook.copy_(torch.from_numpy(_kmeans(z_all.numpy(), cfg.codebook_size, cfg.seed)))
+            net.codebook.copy_(torch.from_numpy(_kmeans(z_all.cpu().numpy(), cfg.codebook_size, cfg.seed)))
             _init_scales(net, z_all)
 
     # stage 2: level 0 of the codebook; stage 3: all levels (+ scales). The embedding keeps
@@ -155,7 +157,7 @@ def train_net(train: np.ndarray, labels: np.ndarray, cfg: DRQConfig) -> tuple[DR
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    net.eval()
+    net = net.cpu().eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net, t_embed

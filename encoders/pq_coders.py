@@ -69,6 +69,19 @@ class OpqConfig:
         check_bits("opq", self.bits)
 
 
+def _train_with_gpu_assignment(index: faiss.Index, x: np.ndarray, device: str) -> None:  # pragma: no cover
+    """`index.train(x)` with the PQ's k-means assigning on GPU `device` ('cuda' or 'cuda:N')."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    res, cfg = faiss.StandardGpuResources(), faiss.GpuIndexFlatConfig()
+    cfg.device = int(device.partition(":")[2] or 0)
+    assign = faiss.GpuIndexFlatL2(res, inner.pq.dsub, cfg)
+    inner.pq.assign_index = assign
+    try:
+        index.train(x)
+    finally:
+        inner.pq.assign_index = None  # the GPU index dies with this call; the PQ must not point at it
+
+
 class _AdcCoder(Coder):
     """Shared mechanics: a faiss IndexPQ (optionally behind an IndexPreTransform) encodes; search is
     exact ADC with the PQ's distance tables. Subclasses set `Config` and implement `_build_index`."""
@@ -103,6 +116,15 @@ class _AdcCoder(Coder):
         index.pq.cp.seed = self.config.seed
         return index
 
+    def train_on(self, device: str) -> bool:
+        """'cuda[:N]' with faiss-gpu: the final PQ's k-means assigns on that GPU (faiss's
+        `ProductQuantizer.assign_index`); OPQ's rotation rounds stay on the CPU. False without
+        faiss GPU support."""
+        if device != "cpu" and not (hasattr(faiss, "GpuIndexFlatL2") and faiss.get_num_gpus() > 0):
+            return False
+        self.train_device = device
+        return True
+
     def fit(self, train: np.ndarray, labels: np.ndarray,
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:
         """Train the quantizer on `train` (n, D); `labels` and `val` are ignored.
@@ -114,7 +136,10 @@ class _AdcCoder(Coder):
                              f"per sub-quantizer, got {x.shape[0]}")
         t0 = time.perf_counter()
         index = self._build_index(x.shape[1])
-        index.train(x)
+        if self.train_device.startswith("cuda"):  # pragma: no cover - needs a GPU
+            _train_with_gpu_assignment(index, x, self.train_device)
+        else:
+            index.train(x)
         self._index, self._dim = index, x.shape[1]
         return FitReport(fit_s=time.perf_counter() - t0)
 

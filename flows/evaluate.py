@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from encoders.evaluation import BASELINES
-from flows.limits import ensure_heavy_limit
+from flows.limits import ensure_heavy_limit, server_tagged
 from infra import layout
 from infra.reports import plot_markdown, read_csv_rows, to_markdown, write_report
 from infra.runners import SettingsTaskRunner
@@ -57,7 +57,8 @@ def evaluate(dataset: str, model_id: str, methods: list[str] | None = None, bits
             return {"run_id": run_id, "rows": rows, "skipped": True,
                     "report": {k: store.uri_of(prefix + k) for k in ("report.csv", "report.md", "map_vs_bits.png")}}
     log.info("evaluate %s/%s: %s at %s bits", dataset, model_id, methods, bits)
-    futures = [evaluate_method.submit(cfg, dataset, model_id, m, bits, R, params.get(m), seeds, gallery)
+    (evaluate_task,) = server_tagged(evaluate_method)
+    futures = [evaluate_task.submit(cfg, dataset, model_id, m, bits, R, params.get(m), seeds, gallery)
                for m in methods]
     rows = [r for f in futures for r in f.result()]
     order = {m: i for i, m in enumerate(methods)}

@@ -5,7 +5,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.limits import ensure_heavy_limit, limited_tags, only_limited_tags
+from flows.limits import ensure_heavy_limit, server_tagged
 from flows.progress import gather, publish_summary, summarize
 from infra import layout
 from infra.devices import shard_threads, torch_threads
@@ -36,13 +36,10 @@ def extract_features(dataset: str, model_id: str, shards: str | None = None, for
         raise ValueError(f"no raw shards for dataset {dataset!r} in {store.uri}"
                          f"{' range ' + shards if shards else ''}: run `codeshard ingest {dataset}` first")
     log.info("extract %s with %s (%s): %d shards", dataset, model_id, card["arch"], len(refs))
-    # tags without a server limit dropped: each would cost a slot request per task run (flows/limits.py)
-    tasks = (extract_shard, extract_shards, check_ids_across_shards)
-    limited = limited_tags(set().union(*(t.tags for t in tasks)))
-    one, many, check_ids = (only_limited_tags(t, limited) for t in tasks)
+    (check_ids,) = server_tagged(check_ids_across_shards)
     # torch threads once for the task threads this run starts (they inherit it), restored afterwards
     with torch_threads(shard_threads(cfg.max_workers)):
-        futures, parts = submit_shard_tasks(cfg, one, many, refs, dataset, model_id, force=force)
+        futures, parts = submit_shard_tasks(cfg, extract_shard, extract_shards, refs, dataset, model_id, force=force)
         done = gather(futures, "extract", parts)
     # ids are unique across shards: a shard repeating an earlier part's ids is quarantined
     outcomes = check_ids(cfg, dataset, model_id, done)

@@ -5,6 +5,7 @@ from typing import Any
 
 from prefect import Task
 
+from flows.limits import server_tagged
 from infra.planner import ShardRef, batch_shards
 from infra.settings import Settings
 from tasks.caching import result_storage
@@ -16,6 +17,7 @@ def submit_shard_tasks(cfg: Settings, one: Task, many: Task, refs: list[ShardRef
     there are at most `cfg.max_shard_tasks` shards; beyond that, of `many(cfg, *args, batch, force)`
     over at most that many contiguous batches, so thousands of shards cost a bounded number of
     task runs (~0.1 s of Prefect per run here, more on Dask: BENCHMARKS.md section 8)."""
+    one, many = server_tagged(one, many)  # no slot request for a tag without a server limit
     if len(refs) <= cfg.max_shard_tasks:
         shard_task = one.with_options(result_storage=result_storage(cfg))
         return [shard_task.submit(cfg, *args, ref, force) for ref in refs], [[ref.part] for ref in refs]

@@ -5,7 +5,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.limits import ensure_heavy_limit
+from flows.limits import ensure_heavy_limit, server_tagged
 from flows.progress import gather, publish_summary, summarize
 from infra import layout
 from infra.planner import parse_shard_ranges, select_shards
@@ -28,7 +28,8 @@ def train_coders(dataset: str, model_id: str, methods: dict[str, int] | None = N
     cfg = Settings.load(**(settings or {}))
     ensure_heavy_limit(cfg.heavy_limit)
     methods = methods or DEFAULT_METHODS
-    futures = [train_coder.submit(cfg, dataset, model_id, m, b, (params or {}).get(m), force)
+    (train,) = server_tagged(train_coder)
+    futures = [train.submit(cfg, dataset, model_id, m, b, (params or {}).get(m), force)
                for m, b in methods.items()]
     cards = [f.result() for f in futures]
     for c in cards:

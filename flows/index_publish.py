@@ -14,12 +14,15 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.limits import server_tagged
 from infra import indexes as ix
 from infra import layout
 from infra.planner import ShardRef
 from infra.settings import Settings
 from infra.store import PreconditionFailed, Store
 from tasks.index import evaluate_version, index_batch, merge_index, train_index
+
+_TASKS = (train_index, index_batch, merge_index, evaluate_version)
 
 
 def publish_version(cfg: Settings, store: Store, plan: ix.IndexPlan, batches: list[list[ShardRef]],
@@ -36,6 +39,7 @@ def publish_version(cfg: Settings, store: Store, plan: ix.IndexPlan, batches: li
     t0 = time.perf_counter()
     build_id = ix.new_build_id()
     pd = plan.as_dict()
+    train_index, index_batch, merge_index, evaluate_version = server_tagged(*_TASKS)
     train_s, staged = 0.0, []
     if plan.needs_training and trained is None:
         tr = train_index.submit(cfg, name, coder_id, bits, pd, [r for b in batches for r in b],

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 
+from flows.limits import server_tagged
 from flows.progress import gather, publish_summary, summarize
 from infra import datasets, imports, layout
 from infra.planner import ShardRef, partition_date, parts_spec, row_slices, select_shards
@@ -39,20 +40,21 @@ def ingest(dataset: str, source: str | None = None, shard_rows: int | None = Non
     day = partition_date(date)
     if limit is not None and (source is not None or dataset not in datasets.VECTOR_SOURCES):
         raise ValueError(f"limit applies to packaged vector datasets only ({sorted(datasets.VECTOR_SOURCES)})")
+    vector_task, shard_task, import_task = server_tagged(ingest_vector_shard, ingest_shard, import_shard)
     if source is None and dataset in datasets.VECTOR_SOURCES:
         src = vector_source(dataset, limit)
         fp = vector_fingerprint(src, cfg.seed, shard_rows)
         slices = row_slices(src.n, shard_rows)
         log.info("ingest %s: %d vectors (D=%d) -> features/%s/%s/, %d shards of %d", dataset, src.n, src.dim,
                  dataset, src.model_id, len(slices), shard_rows)
-        futures = [ingest_vector_shard.submit(cfg, dataset, part, a, b, fp, limit, force, day)
+        futures = [vector_task.submit(cfg, dataset, part, a, b, fp, limit, force, day)
                    for part, (a, b) in enumerate(slices)]
     elif source is None and dataset in LOADERS:
         ds, _ = load_with_splits(dataset, cfg.seed)
         fp = source_fingerprint(dataset, cfg.seed, shard_rows)
         slices = row_slices(len(ds), shard_rows)
         log.info("ingest %s: %d rows -> %d shards of %d", dataset, len(ds), len(slices), shard_rows)
-        futures = [ingest_shard.submit(cfg, dataset, part, a, b, fp, force, day)
+        futures = [shard_task.submit(cfg, dataset, part, a, b, fp, force, day)
                    for part, (a, b) in enumerate(slices)]
     else:
         store = shared_store(cfg)
@@ -61,13 +63,13 @@ def ingest(dataset: str, source: str | None = None, shard_rows: int | None = Non
             summary = summarize("ingest", _already_there(store, dataset))
             publish_summary(summary, key=layout.artifact_key("ingest", dataset))
             return summary
-        futures = [f for uri in uris for f in _submit_import(cfg, store, dataset, uri, force, day)]
+        futures = [f for uri in uris for f in _submit_import(import_task, cfg, store, dataset, uri, force, day)]
     summary = summarize("ingest", gather(futures, "ingest"))
     publish_summary(summary, key=layout.artifact_key("ingest", dataset))
     return summary
 
 
-def _submit_import(cfg: Settings, store: Store, dataset: str, uri: str, force: bool, day: str) -> list:
+def _submit_import(import_task: Task, cfg: Settings, store: Store, dataset: str, uri: str, force: bool, day: str) -> list:
     """Plan one source's import (splits, a raw part per shard) and submit its shard tasks. Cost: one
     LIST of the source, the split planning reads (see _plan_splits), assign_parts' store calls."""
     src = shared_store(cfg, uri=uri)
@@ -79,7 +81,7 @@ def _submit_import(cfg: Settings, store: Store, dataset: str, uri: str, force: b
     parts = imports.assign_parts(store, dataset, uri, [i.key for i in infos])
     get_run_logger().info("import %s: %d shards from %s -> parts %s", dataset, len(infos), uri,
                           parts_spec(parts.values()))
-    return [import_shard.submit(cfg, dataset, uri, ShardRef(i.key, parts[i.key], i.etag, i.size), splits_key,
+    return [import_task.submit(cfg, dataset, uri, ShardRef(i.key, parts[i.key], i.etag, i.size), splits_key,
                                 force, day) for i in infos]
 
 

@@ -85,6 +85,14 @@ def limited_tags(tags: Iterable[str]) -> frozenset[str]:
     return frozenset(limited)
 
 
+def server_tagged(*tasks: Task) -> tuple[Task, ...]:
+    """`tasks`, each carrying only the tags the server holds a limit for (`only_limited_tags`): what
+    every flow submits, so no task run asks for a slot of a tag without a limit. Cost: one Prefect
+    API read per distinct tag."""
+    limited = limited_tags(set().union(*(t.tags for t in tasks)))
+    return tuple(only_limited_tags(t, limited) for t in tasks)
+
+
 def only_limited_tags(task: Task, limited: frozenset[str]) -> Task:
     """`task` carrying only those of its tags in `limited`. Why: Prefect asks the server for a slot
     of every tag a task run carries (a write transaction), limit or none; on the SQLite server a

@@ -5,6 +5,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.limits import server_tagged
 from infra import layout
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
@@ -19,6 +20,7 @@ def train_backbone(dataset: str, arch: str = "small-cnn", model_id: str | None =
     cfg = Settings.load(**(settings or {}))
     model_id = model_id or f"{dataset}-{arch}"
     layout.check_names(dataset=dataset, model=model_id)
-    card = train_backbone_task(cfg, dataset, arch, model_id, epochs=epochs, classes=classes, force=force)
+    (train,) = server_tagged(train_backbone_task)
+    card = train(cfg, dataset, arch, model_id, epochs=epochs, classes=classes, force=force)
     print(f"model {model_id}: {card['arch']}, val accuracy {card.get('val_accuracy', float('nan')):.4f}")
     return card

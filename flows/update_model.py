@@ -11,11 +11,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from encoders.compat import DEFAULT_MAX_FLIP_RATE
+from flows.limits import server_tagged
 from infra import layout
 from infra.runners import SettingsTaskRunner
 from infra.settings import Settings
-from tasks.update import (decide_update_gate, measure_compatibility, move_query_model, record_decision,
-                          train_candidate)
+from tasks.update import decide_update_gate, move_query_model, record_decision
+from tasks.update import measure_compatibility as measure_compatibility_task
+from tasks.update import train_candidate as train_candidate_task
 
 
 @flow(name="update-model", log_prints=True, task_runner=SettingsTaskRunner())
@@ -31,7 +33,7 @@ def update_model(dataset: str, old_model_id: str, arch: str = "wide-cnn", method
     cfg = Settings.load(**(settings or {}))
     new_model_id = new_model_id or f"{old_model_id}-{method}-{arch}"
     log = get_run_logger()
-
+    train_candidate, measure_compatibility = server_tagged(train_candidate_task, measure_compatibility_task)
     train_candidate(cfg, dataset, old_model_id, arch, method, new_model_id, epochs)
     on_val = measure_compatibility(cfg, dataset, old_model_id, new_model_id, "val")
     bound = DEFAULT_MAX_FLIP_RATE if max_flip_rate is None else max_flip_rate

@@ -99,6 +99,9 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
     fp = features_fingerprint(store, dataset, model_id)
     data = load_features(store, dataset, model_id, splits=("train", "val"))
     coder = make_coder(method, bits=bits, seed=settings.seed, **(params or {}))
+    device = settings.torch_device()  # 'cuda' only when asked for (or auto) and present; else logged
+    if not coder.train_on(device):
+        logger().warning("coder %s trains on the CPU: %s has no %s training path", coder_id, method, device)
     t0 = time.perf_counter()
     report = coder.fit(data["train"].x, data["train"].labels, (data["val"].x, data["val"].labels))
     fit_s = time.perf_counter() - t0
@@ -110,7 +113,7 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
             "selection": {**selection_record(_family(method, params)), "val_split": SELECTION_SPLIT,
                           "val_metric": SELECTION_METRIC},
             "symmetric": coder.symmetric, "bytes_per_item": coder.bytes_per_item(),
-            "config": coder.config_dict(), "fit_s": fit_s, "fit_report": dict(report.val_metrics),
+            "config": coder.config_dict(), "fit_s": fit_s, "fit_device": coder.train_device, "fit_report": dict(report.val_metrics),
             "val": metrics, "features_fingerprint": fp, "features_etags": etags, "train_rows": len(data["train"])}
     return register_coder(store, coder_id, coder.state(), card)
 

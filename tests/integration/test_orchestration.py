@@ -130,17 +130,21 @@ def test_heavy_limit_keeps_heavy_tasks_apart(prefect_server):
             c.delete_concurrency_limit_by_tag("heavy")
 
 
-def test_extract_tasks_carry_heavy_tag_only_while_the_server_limits_it(prefect_server, local_settings):
+def test_tasks_carry_heavy_tag_only_while_the_server_limits_it(prefect_server, local_settings):
     """A task run asks the server for a slot of every tag it carries, limit or none (a write that
     can answer 503 and cost a ~2 s retry): the extract flow drops a tag without a server limit
     (its task runs carry no "heavy"/"io"), and keeps "heavy" on its shard task runs while the
-    server holds a "heavy" limit, so that limit still applies to them."""
+    server holds a "heavy" limit, so that limit still applies to them. The other stages' tasks go
+    through the same `server_tagged` (encode, index batch, import: checked on the tasks)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.extract_features import extract_features
     from flows.ingest import ingest
-    from flows.limits import limited_tags
+    from flows.limits import limited_tags, server_tagged
+    from tasks.codes import encode_shard
+    from tasks.index import index_batch
+    from tasks.ingest import import_shard
 
     cfg = settings_dict(local_settings)
     ingest("digits", shard_rows=900, settings=cfg)
@@ -160,13 +164,16 @@ def test_extract_tasks_carry_heavy_tag_only_while_the_server_limits_it(prefect_s
         return [set(r.tags) for r in runs if r.name.startswith("extract ")] + \
             [set(r.tags) for r in runs if r.name.startswith("check_ids")]
 
+    others = (encode_shard, index_batch, import_shard)
     assert limited_tags({"heavy", "io"}) == frozenset()
     assert shard_task_tags() == [set(), set(), set()]
+    assert [t.tags for t in server_tagged(*others)] == [set(), set(), set()]
     with get_client(sync_client=True) as c:
         c.create_concurrency_limit(tag="heavy", concurrency_limit=2)
     try:
         assert limited_tags({"heavy", "io"}) == {"heavy"}
         assert shard_task_tags() == [{"heavy"}, {"heavy"}, set()]
+        assert [t.tags for t in server_tagged(*others)] == [{"heavy"}, {"heavy"}, set()]
     finally:  # as above: the session's other tests run without a heavy limit
         with get_client(sync_client=True) as c:
             c.delete_concurrency_limit_by_tag("heavy")

@@ -183,6 +183,37 @@ def test_fit_leaves_threads_and_global_rng_alone(data):
     assert torch.equal(torch.random.get_rng_state(), rng_state)
 
 
+@pytest.mark.parametrize("codebooks", ["shared", "per-level"])
+def test_training_device_choice(data, codebooks):
+    """DRQ takes any torch device for its fit (`train_on`); asked for the CPU explicitly it gives the
+    default fit's codes bit for bit, and the fitted net lives on the CPU. Coders without a GPU path
+    say so: itq, and pq without faiss GPU support."""
+    x, y = data
+    default = make_coder("drq", levels=2, codebooks=codebooks, **TINY)
+    default.fit(x[:300], y[:300])
+    explicit = make_coder("drq", levels=2, codebooks=codebooks, **TINY)
+    assert explicit.train_on("cpu") and explicit.train_device == "cpu"
+    explicit.fit(x[:300], y[:300])
+    np.testing.assert_array_equal(explicit.encode(x[300:400]), default.encode(x[300:400]))
+    assert {p.device.type for p in explicit.net.parameters()} == {"cpu"}
+    assert make_coder("itq", bits=16).train_on("cuda") is False
+    pq = make_coder("pq", bits=16)
+    assert pq.train_on("cuda") is (getattr(faiss, "get_num_gpus", lambda: 0)() > 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (`make install GPU=1` on a GPU machine)")
+def test_training_on_cuda_returns_a_cpu_model_with_prefix_codes(data):  # pragma: no cover - needs a GPU
+    """On a GPU machine: the fit runs on CUDA, the net comes back on the CPU, and its codes keep the
+    prefix property (the 1-level code is the first byte of the 2-level code)."""
+    x, y = data
+    gpu = make_coder("drq", levels=2, **TINY)
+    assert gpu.train_on("cuda")
+    gpu.fit(x[:300], y[:300])
+    assert {p.device.type for p in gpu.net.parameters()} == {"cpu"}
+    codes = gpu.encode(x[300:600])
+    np.testing.assert_array_equal(gpu.prefix_codes(codes, 8), codes[:, :1])
+
+
 @settings(max_examples=30, deadline=None)
 @given(nb=st.integers(1, 16), m=st.integers(1, 9), n=st.integers(0, 5), seed=st.integers(0, 2**31))
 def test_pack_unpack_round_trip(nb, m, n, seed):
