@@ -2,11 +2,11 @@
 process (peak RSS per stage from wait4), one JSON line per stage and a markdown table at the end.
 
 Usage: PYTHONPATH=. python bench/scale.py --items 1000000 [--shard-rows 100000] [--dim 64]
-           [--index-type ivf-pq] [--store file:///tmp/scale] [--queries 1000]
+           [--index-type ivf-pq] [--store file:///tmp/scale] [--queries 1000] [--max-shard-tasks 8]
        --items 10000000 is the 10M run (the target machine: quiet, 2 cores, <= 4 GiB per stage).
 
 Stages: features (write features + raw shards) -> coder (fit a 64-bit PQ on a 65,536-row sample,
-register it) -> codes (the `encode` flow) -> index (the `build_index` flow: train the coarse
+register it) -> codes (the `encode` flow, forced so a rerun measures it again) -> index (the `build_index` flow: train the coarse
 quantizer on a sample, per-batch partials, merge, nprobe tuned to recall@10 >= 0.95 on a fixed
 query count, publish) -> bare (the same faiss work by hand, no flow: read every code shard, train on
 the same sample size and iterations, add, write the index file: the index stage's reference; the
@@ -44,7 +44,7 @@ def run_stage(a: argparse.Namespace) -> dict:
     from infra.shards import features_table, write_table
     from infra.store import open_store
 
-    cfg = {"store": a.store, "max_workers": a.workers}
+    cfg = {"store": a.store, "max_workers": a.workers, **({"max_shard_tasks": a.max_shard_tasks} if a.max_shard_tasks else {})}
     store = open_store(Settings.load(**cfg))
     parts = -(-a.items // a.shard_rows)
     out: dict = {}
@@ -68,7 +68,7 @@ def run_stage(a: argparse.Namespace) -> dict:
     elif a.stage == "codes":
         from flows.generate_codes import encode
 
-        encode(DATASET, MODEL, [CODER], settings=cfg)
+        encode(DATASET, MODEL, [CODER], force=True, settings=cfg)  # force: a rerun measures the work again
     elif a.stage == "index":
         from flows.build_index import build_index
 
@@ -151,13 +151,19 @@ def main() -> None:
     p.add_argument("--cache", default="/tmp/scale-cache")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-shard-tasks", type=int, default=0,
+                   help="Settings.max_shard_tasks (0: its default); fewer task runs, each over a batch of shards")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--stage", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.stage:
         t0 = time.perf_counter()
         out = run_stage(a)
-        print("RESULT " + json.dumps({"stage": a.stage, "wall_s": time.perf_counter() - t0, **out}, default=str))
+        from infra.store_counts import ACCESS  # every store read and write of this stage process
+
+        print("RESULT " + json.dumps({"stage": a.stage, "wall_s": time.perf_counter() - t0, **out,
+                                      "store_reads": sum(ACCESS.reads().values()),
+                                      "store_writes": sum(ACCESS.writes().values())}, default=str))
         return
     from harness import stages as S
 

@@ -16,7 +16,7 @@ from encoders.coders import Coder
 from infra.index_files import ids_from_bytes, index_from_bytes, index_from_file, index_to_bytes
 from infra.index_plan import (BINARY_FLAT, BINARY_IVF, BINARY_STORAGE, CODER_LUT, FLAT, HNSW,
                               HNSW_EF_SEARCH, HNSW_M, IVF_FLAT, IVF_PQ, IVF_RQ, IVF_TRAIN_NITER, IVF_TYPES, PQ_LUT,
-                              REMOVABLE, RQ_LUT, IndexBuildError, IndexPlan)
+                              REMOVABLE, ROUTE_HNSW_EF, ROUTE_HNSW_M, RQ_LUT, IndexBuildError, IndexPlan)
 
 # ---------------------------------------------------------------------------------------------
 # Coders -> index kinds, engines and spaces
@@ -267,16 +267,33 @@ def add_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, full_codes: 
 def _add_ivf_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, codes: np.ndarray,
                    chunk: int = 262_144) -> None:
     """Stored codes into an IVF-PQ / IVF-RQ with by_residual=False: route each decoded code to its
-    nearest coarse centroid and append the code itself (add_sa_codes: list number + code), in order,
-    labels continuing from ntotal. Nothing is encoded again. Cost per chunk: n·d floats decoded and
-    one coarse assignment."""
+    coarse centroid (`router`) and append the code itself (add_sa_codes: list number + code), in
+    order, labels continuing from ntotal. Nothing is encoded again. Cost per chunk: n·d floats
+    decoded and one coarse assignment (exact: n·nlist·d flops; hnsw: ~n·efSearch·M·d)."""
+    route = router(index, plan)
     for i in range(0, len(codes), chunk):
         c = codes[i:i + chunk]
-        _, lists = index.quantizer.search(decode_codes(plan, coder, bits, c), 1)
+        _, lists = route.search(decode_codes(plan, coder, bits, c), 1)
         body = _rq_codes_with_norms(index.rq, c) if plan.index_type == IVF_RQ and \
             index.rq.search_type != faiss.AdditiveQuantizer.ST_LUT_nonorm else c
         sa = np.ascontiguousarray(np.concatenate([listno_bytes(index, lists[:, 0]), body], axis=1))
         index.add_sa_codes(sa, np.arange(index.ntotal, index.ntotal + len(c), dtype=np.int64))
+
+
+def router(index: Any, plan: IndexPlan) -> Any:
+    """What finds an added code's list: the IVF's own quantizer (exact), or for `plan.routing ==
+    'hnsw'` an HNSW graph over its centroids, built on one thread so that the same centroids always
+    give the same graph (and the same lists). Cost (hnsw): building the graph, ~1 s per 16k centroids."""
+    if plan.routing != "hnsw":
+        return index.quantizer
+    from infra.devices import omp_threads
+
+    q = index.quantizer
+    graph = faiss.IndexHNSWFlat(q.d, ROUTE_HNSW_M, q.metric_type)
+    with omp_threads(1):
+        graph.add(q.reconstruct_n(0, q.ntotal))
+    graph.hnsw.efSearch = ROUTE_HNSW_EF
+    return graph
 
 
 def _unpack_levels(codes: np.ndarray, levels: int, nb: int) -> np.ndarray:

@@ -24,6 +24,10 @@ The index-choice rule (`choose_index`), in words:
   * IVF types: nlist ~ 4 sqrt(N) (`ivf_nlist`); nprobe starts at nlist/16 (at least 16) and the build
     tunes it to a recall target (`tasks/index.py`), recorded in build.json. IVF and HNSW cut search
     time, not memory: they hold every code too.
+  * Routing of added codes (`ivf_routing`): ivf-pq / ivf-rq with nlist >= 4096 find each code's list
+    through an HNSW graph over the centroids (M=32, efSearch=32) instead of the exact scan of all
+    nlist (which costs N·nlist·d: its cost per item grows with sqrt(N)); a code whose nearest
+    centroid the graph misses lands in a near list, which the measured recall includes.
 
 An index type is given either by our name (`ivf-pq`) or as a faiss `index_factory` string
 (`IVF4096,PQ8x8`, `BIVF1024`, `HNSW32,Flat`); the codec part of a factory string must be the stored
@@ -63,6 +67,9 @@ RECALL_TARGET = 0.95  # nprobe / efSearch are tuned to the smallest value reachi
 IVF_TRAIN_PER_LIST = 64       # sample rows per list (faiss needs >= 39; it subsamples above 256)
 IVF_TRAIN_MAX_ROWS = 262_144  # at most this many rows, whatever nlist
 IVF_TRAIN_NITER = 10          # Lloyd iterations
+# Routing codes to lists by an HNSW graph over the centroids (module docstring; BENCHMARKS.md section 11):
+ROUTE_HNSW_MIN_NLIST = 4096
+ROUTE_HNSW_M, ROUTE_HNSW_EF = 32, 32
 
 
 class IndexBudgetError(ValueError):
@@ -89,6 +96,8 @@ class IndexPlan:
     `factory`: the faiss index_factory string of the index (recorded in build.json).
     `ondisk`: the partials are merged on disk and the lists published as index.ivfdata beside
     index.faiss (`choose_merge`); the merge then holds one partial's pages and the ids, not the lists.
+    `routing`: how added codes find their list ('hnsw': `ivf_routing`; '' or 'exact': a scan of
+    every centroid, what plans recorded before routing existed mean).
     """
 
     kind: str              # binary | adc | float
@@ -104,6 +113,7 @@ class IndexPlan:
     reason: str = ""
     factory: str = ""
     ondisk: bool = False
+    routing: str = ""
 
     @property
     def needs_training(self) -> bool:
@@ -136,6 +146,11 @@ def ivf_train_rows(nlist: int) -> int:
     IVF_TRAIN_MAX_ROWS but never under 39 per list (faiss's minimum; above the cap from nlist 8192,
     N >= ~4M). k-means then costs ~2 · IVF_TRAIN_NITER · rows · nlist · d flops."""
     return max(39 * nlist, min(IVF_TRAIN_MAX_ROWS, nlist * IVF_TRAIN_PER_LIST))
+
+
+def ivf_routing(index_type: str, nlist: int) -> str:
+    """'hnsw' for ivf-pq / ivf-rq with nlist >= ROUTE_HNSW_MIN_NLIST, else 'exact' (module docstring)."""
+    return "hnsw" if index_type in (IVF_PQ, IVF_RQ) and nlist >= ROUTE_HNSW_MIN_NLIST else "exact"
 
 
 def ivf_nprobe(nlist: int) -> int:
@@ -289,7 +304,8 @@ def _plan(index_type: str, n: int, b: int, kind: str, reason: str, codec: str = 
         memory_bytes=index_memory_bytes(index_type, n, b, nlist, m or HNSW_M), exact=index_type in EXACT_TYPES,
         nlist=nlist, nprobe=ivf_nprobe(nlist) if nlist else 0,
         hnsw_m=m, ef_search=HNSW_EF_SEARCH if index_type == HNSW else 0,
-        reason=reason, factory=factory_string(index_type, codec, nlist, m))
+        reason=reason, factory=factory_string(index_type, codec, nlist, m),
+        routing=ivf_routing(index_type, nlist) if nlist else "")
 
 
 def choose_merge(plan: IndexPlan, memory_budget_bytes: int, asked: bool | None = None) -> IndexPlan:

@@ -18,7 +18,7 @@ from encoders.metrics import tie_aware_recall  # noqa: F401
 from infra.code_index import (CodeIndex, adc_engine_for, add_codes,  # noqa: F401
                               as_full_length, code_bits, code_index_from_bytes, code_index_from_file,
                               codec_of, configure_search, decode_codes, index_kind, merge_into, new_index,
-                              prepare_queries, remove_parts, train_ivf)
+                              prepare_queries, remove_parts, router, train_ivf)
 from infra.code_search import (CODER_LUT_CHUNK_BYTES, GALLERY, LATENCY_QUERIES, QUERIES, evaluate,  # noqa: F401
                                query_vectors, reference_scores, search_prepared, stored_codes_at,
                                stored_vectors_at, tune_search)
@@ -30,7 +30,7 @@ from infra.index_plan import (APPROX_OF, BINARY_FLAT, BINARY_IVF, BINARY_STORAGE
                               IVF_TRAIN_PER_LIST, IVF_TYPES, KINDS, ONDISK_TYPES, PQ_LUT, RECALL_TARGET,
                               REMOVABLE, RQ_LUT, TYPES_BY_KIND, IndexBudgetError, IndexBuildError, IndexPlan,
                               RefreshDelta, check_shrink, choose_index, choose_merge, factory_string, human_bytes,
-                              index_memory_bytes, ivf_nlist, ivf_nprobe, ivf_train_rows, nprobe_candidates,
+                              index_memory_bytes, ivf_nlist, ivf_nprobe, ivf_routing, ivf_train_rows, nprobe_candidates,
                               parse_bytes, parse_index_type, plan_refresh, shards_per_task)
 from infra.index_versions import (BUILD_FILE, CLAIM_FILE, FORMAT, IDS_FILE, INDEX_FILE, IVFDATA_FILE, STATS_FILE,  # noqa: F401
                                   TRAINED_FILE, BuildRecord, Current, cached_index_file, claim_version,

@@ -40,5 +40,10 @@ class AccessCounts:
         with self._lock:
             return collections.Counter(self._reads)
 
+    def writes(self) -> collections.Counter[str]:
+        """A copy of the write counts, URI -> writes."""
+        with self._lock:
+            return collections.Counter(self._writes)
+
 
 ACCESS = AccessCounts()

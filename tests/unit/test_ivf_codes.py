@@ -2,6 +2,7 @@
 memory-mapped loads, factory strings and the device fallback."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import faiss
@@ -40,11 +41,13 @@ def coders(data):
     return out
 
 
-def build(coder, codes, bits, index_type, parts=3):
+def build(coder, codes, bits, index_type, parts=3, routing=None):
     """What the flow does: train on a sample, one partial per part, merged in order."""
     plan = ix.choose_index(len(codes), coder.bytes_per_item(bits), ix.index_kind(coder), 2**34,
                            adc_engine=ix.adc_engine_for(coder, bits), index_type=index_type,
                            codec=ix.codec_of(coder, bits))
+    if routing:  # what ivf_routing picks from 4096 lists, here on a small index
+        plan = dataclasses.replace(plan, routing=routing)
     trained = ix.train_ivf(plan, coder, bits, codes[::2]) if plan.needs_training else None
     ci = ix.CodeIndex(plan, bits, ix.new_index(plan, coder, bits, trained, final=True),
                       np.zeros(0, np.int64), np.zeros(0, np.int32))
@@ -172,3 +175,32 @@ def test_cuda_falls_back_to_cpu_with_a_message_when_there_is_no_gpu(caplog, monk
     assert devices.kmeans_centroids(x, 16, device=devices.use_device("cuda")).shape == (16, 8)
     d, i = devices.exact_search(x, x[:3], 1)
     assert (i[:, 0] == np.arange(3)).all()
+
+
+@pytest.mark.parametrize("method", ["pq", "drq-ip"])
+def test_hnsw_routing_puts_codes_in_their_nearest_list_and_keeps_nprobe_nlist_exact(data, coders, method):
+    """From nlist 4096 (`ivf_routing`; ivf-pq / ivf-rq only) added codes find their list through an
+    HNSW graph over the centroids. Forced on a 256-list index: >= 99% of codes land in the list the
+    exact scan picks (every code is in some list, nothing is lost), the same centroids give the same
+    lists, and nprobe = nlist still returns the flat index's top-10 scores."""
+    assert ix.ivf_routing(ix.IVF_PQ, 4096) == ix.ivf_routing(ix.IVF_RQ, 16384) == "hnsw"
+    assert ix.ivf_routing(ix.IVF_PQ, 2048) == ix.ivf_routing(ix.BINARY_IVF, 8192) == "exact"
+    coder, codes = coders[method]
+    bits = coder.full_bits
+    flat_type, ivf_type = (ix.PQ_LUT, "IVF64,PQ") if method == "pq" else (ix.RQ_LUT, "IVF64,RQ")
+    ivf = build(coder, codes, bits, ivf_type, parts=2, routing="hnsw")
+    assert ivf.plan.routing == "hnsw" and ivf.ntotal == N
+    inv = faiss.extract_index_ivf(ivf.index)
+    listed = np.full(N, -1)
+    for lst in range(inv.nlist):
+        listed[faiss.rev_swig_ptr(inv.invlists.get_ids(lst), inv.invlists.list_size(lst)).copy()] = lst
+    x = ix.decode_codes(ivf.plan, coder, bits, codes)
+    _, exact = inv.quantizer.search(x, 1)
+    assert (listed >= 0).all() and (listed == exact[:, 0]).mean() >= 0.99
+    _, again = ix.router(inv, ivf.plan).search(x, 1)
+    np.testing.assert_array_equal(again[:, 0], listed)
+    flat = build(coder, codes, bits, flat_type)
+    q = ix.prepare_queries(flat.plan, coder, bits, data[0][:50] + 0.1)
+    fs, _ = ix.search_prepared(flat, coder, q, 10)
+    vs, _ = ix.search_prepared(ivf, coder, q, 10, nprobe=ivf.plan.nlist)
+    np.testing.assert_allclose(vs, fs, rtol=1e-5, atol=1e-5)
