@@ -193,7 +193,7 @@ def run_stages(a: argparse.Namespace) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"\n| stage | wall s | items/s | µs/item | peak RSS MiB |\n|---|---|---|---|---|")
+    print("\n| stage | wall s | items/s | µs/item | peak RSS MiB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['wall_s']:.1f} | {r['items_per_s']:,.0f} | {r['us_per_item']:.2f} | "
               f"{r['peak_rss_mib']:.0f} |")

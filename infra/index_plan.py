@@ -24,10 +24,11 @@ The index-choice rule (`choose_index`), in words:
   * IVF types: nlist ~ 4 sqrt(N) (`ivf_nlist`); nprobe starts at nlist/16 (at least 16) and the build
     tunes it to a recall target (`tasks/index.py`), recorded in build.json. IVF and HNSW cut search
     time, not memory: they hold every code too.
-  * Routing of added codes (`ivf_routing`): ivf-pq / ivf-rq with nlist >= 4096 find each code's list
+  * Routing of added codes (`ivf_routing`): ivf-pq / ivf-rq with nlist >= 8192 find each code's list
     through an HNSW graph over the centroids (M=32, efSearch=32) instead of the exact scan of all
-    nlist (which costs N·nlist·d: its cost per item grows with sqrt(N)); a code whose nearest
-    centroid the graph misses lands in a near list, which the measured recall includes.
+    nlist (which costs N·nlist·d: its cost per item grows with sqrt(N); the graph's stays flat, and
+    is the cheaper one from 8192 lists: BENCHMARKS.md section 11); a code whose nearest centroid
+    the graph misses lands in a near list, which the measured recall includes.
 
 An index type is given either by our name (`ivf-pq`) or as a faiss `index_factory` string
 (`IVF4096,PQ8x8`, `BIVF1024`, `HNSW32,Flat`); the codec part of a factory string must be the stored
@@ -68,7 +69,7 @@ IVF_TRAIN_PER_LIST = 64       # sample rows per list (faiss needs >= 39; it subs
 IVF_TRAIN_MAX_ROWS = 262_144  # at most this many rows, whatever nlist
 IVF_TRAIN_NITER = 10          # Lloyd iterations
 # Routing codes to lists by an HNSW graph over the centroids (module docstring; BENCHMARKS.md section 11):
-ROUTE_HNSW_MIN_NLIST = 4096
+ROUTE_HNSW_MIN_NLIST = 8192
 ROUTE_HNSW_M, ROUTE_HNSW_EF = 32, 32
 
 

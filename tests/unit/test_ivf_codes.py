@@ -179,12 +179,12 @@ def test_cuda_falls_back_to_cpu_with_a_message_when_there_is_no_gpu(caplog, monk
 
 @pytest.mark.parametrize("method", ["pq", "drq-ip"])
 def test_hnsw_routing_puts_codes_in_their_nearest_list_and_keeps_nprobe_nlist_exact(data, coders, method):
-    """From nlist 4096 (`ivf_routing`; ivf-pq / ivf-rq only) added codes find their list through an
+    """From nlist 8192 (`ivf_routing`; ivf-pq / ivf-rq only) added codes find their list through an
     HNSW graph over the centroids. Forced on a 256-list index: >= 99% of codes land in the list the
     exact scan picks (every code is in some list, nothing is lost), the same centroids give the same
     lists, and nprobe = nlist still returns the flat index's top-10 scores."""
-    assert ix.ivf_routing(ix.IVF_PQ, 4096) == ix.ivf_routing(ix.IVF_RQ, 16384) == "hnsw"
-    assert ix.ivf_routing(ix.IVF_PQ, 2048) == ix.ivf_routing(ix.BINARY_IVF, 8192) == "exact"
+    assert ix.ivf_routing(ix.IVF_PQ, 8192) == ix.ivf_routing(ix.IVF_RQ, 16384) == "hnsw"
+    assert ix.ivf_routing(ix.IVF_PQ, 4096) == ix.ivf_routing(ix.BINARY_IVF, 16384) == "exact"
     coder, codes = coders[method]
     bits = coder.full_bits
     flat_type, ivf_type = (ix.PQ_LUT, "IVF64,PQ") if method == "pq" else (ix.RQ_LUT, "IVF64,RQ")
