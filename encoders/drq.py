@@ -122,7 +122,8 @@ class DRQCoder(Coder):
             val: tuple[np.ndarray, np.ndarray] | None = None) -> FitReport:
         """Staged training (embedding -> level 0 -> all levels) on `train` with its labels; `val` only
         for the reported per-length val mAP (val queries vs the rest of val). Cost: see DRQConfig."""
-        with fit_threads(self.config.train_threads), torch.random.fork_rng(devices=[]):
+        cuda = [torch.device(self.train_device).index or 0] if self.train_device.startswith("cuda") else []
+        with fit_threads(self.config.train_threads), torch.random.fork_rng(devices=cuda):
             return self._fit(train, labels, val)  # fork_rng: seeding here leaves the caller's RNG alone
     def _fit(self, train: np.ndarray, labels: np.ndarray,
              val: tuple[np.ndarray, np.ndarray] | None) -> FitReport:

@@ -247,13 +247,15 @@ def listno_bytes(index: Any, lists: np.ndarray) -> np.ndarray:
     return np.stack([(lists >> (8 * i)) & 0xFF for i in range(size)], axis=1).astype(np.uint8)
 
 
-def add_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, full_codes: np.ndarray) -> None:
+def add_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, full_codes: np.ndarray,
+              route: Any = None) -> None:
     """Append stored full-length codes (n, B_full) uint8 in order; positions continue from ntotal.
+    `route`: the IVF-PQ / IVF-RQ `router` to reuse across calls on one index (built here when None).
     Cost: a copy of the codes (float kinds: decoded to vectors; IVF: one coarse assignment each)."""
     codes = code_bits(coder, full_codes, bits)
     t = plan.index_type
     if t in (IVF_PQ, IVF_RQ):
-        _add_ivf_codes(index, plan, coder, bits, codes)
+        _add_ivf_codes(index, plan, coder, bits, codes, route if route is not None else router(index, plan))
     elif t == RQ_LUT and index.rq.search_type != faiss.AdditiveQuantizer.ST_LUT_nonorm:
         index.add_sa_codes(_rq_codes_with_norms(index.rq, codes))
     elif t in (PQ_LUT, RQ_LUT):
@@ -264,13 +266,12 @@ def add_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, full_codes: 
         index.add(np.ascontiguousarray(coder.decode(codes), dtype=np.float32))
 
 
-def _add_ivf_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, codes: np.ndarray,
+def _add_ivf_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, codes: np.ndarray, route: Any,
                    chunk: int = 262_144) -> None:
     """Stored codes into an IVF-PQ / IVF-RQ with by_residual=False: route each decoded code to its
     coarse centroid (`router`) and append the code itself (add_sa_codes: list number + code), in
     order, labels continuing from ntotal. Nothing is encoded again. Cost per chunk: n·d floats
     decoded and one coarse assignment (exact: n·nlist·d flops; hnsw: ~n·efSearch·M·d)."""
-    route = router(index, plan)
     for i in range(0, len(codes), chunk):
         c = codes[i:i + chunk]
         _, lists = route.search(decode_codes(plan, coder, bits, c), 1)
@@ -283,7 +284,10 @@ def _add_ivf_codes(index: Any, plan: IndexPlan, coder: Coder, bits: int, codes: 
 def router(index: Any, plan: IndexPlan) -> Any:
     """What finds an added code's list: the IVF's own quantizer (exact), or for `plan.routing ==
     'hnsw'` an HNSW graph over its centroids, built on one thread so that the same centroids always
-    give the same graph (and the same lists). Cost (hnsw): building the graph, ~1 s per 16k centroids."""
+    give the same graph (and the same lists). Cost (hnsw): building the graph, ~1 s per 16k
+    centroids: build it once per index (`add_codes(route=...)`). None for non-IVF indexes."""
+    if not hasattr(index, "quantizer"):
+        return None
     if plan.routing != "hnsw":
         return index.quantizer
     from infra.devices import omp_threads

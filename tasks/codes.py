@@ -99,7 +99,9 @@ def train_coder(settings: Settings, dataset: str, model_id: str, method: str, bi
     fp = features_fingerprint(store, dataset, model_id)
     data = load_features(store, dataset, model_id, splits=("train", "val"))
     coder = make_coder(method, bits=bits, seed=settings.seed, **(params or {}))
-    device = settings.torch_device()  # 'cuda' only when asked for (or auto) and present; else logged
+    # the GPU only when asked for (--device cuda) and present (else one logged fallback): under the
+    # default 'auto' coders keep training on the CPU, so a GPU host registers the same coders
+    device = settings.torch_device() if settings.device == "cuda" else "cpu"
     if not coder.train_on(device):
         logger().warning("coder %s trains on the CPU: %s has no %s training path", coder_id, method, device)
     t0 = time.perf_counter()

@@ -152,7 +152,8 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     p = ix.IndexPlan.from_dict(plan)
     coder, card = load_coder(store, coder_id)
     digest = ix.digest_of({"format": ix.FORMAT, "code": INDEX_CODE_VERSION, "type": p.index_type,
-                           "bytes": p.bytes_per_item, "nlist": p.nlist, "coder": card["checksum"],
+                           "bytes": p.bytes_per_item, "nlist": p.nlist, "routing": p.routing or "exact",
+                           "coder": card["checksum"],
                            "bits": bits, "trained": (trained or {}).get("checksum"), "exclude": exclude_split,
                            "shards": [(r.key, r.checksum) for r in refs]})
     prefix = ix.staging_key_prefix(name, digest)
@@ -166,6 +167,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
     t0 = time.perf_counter()
     trained_bytes = store.read_bytes(trained["key"]) if trained else None
     index = ix.new_index(p, coder, bits, trained_bytes)
+    route = ix.router(index, p)  # once per batch, reused for every shard's codes
     ids_all, parts_all, inputs, invalid = [], [], [], []
     for ref in refs:
         try:
@@ -177,7 +179,7 @@ def index_batch(settings: Settings, name: str, coder_id: str, bits: int, plan: d
                             "reason": e.reason})
             continue
         with omp_threads(shard_threads(settings.max_workers)):  # batches run side by side
-            ix.add_codes(index, p, coder, bits, codes)
+            ix.add_codes(index, p, coder, bits, codes, route)
         ids_all.append(ids)
         parts_all.append(np.full(len(ids), ref.part, dtype=np.int32))
         inputs.append({"key": ref.key, "part": ref.part, "checksum": etag, "rows": int(len(ids)),

@@ -185,9 +185,10 @@ def test_fit_leaves_threads_and_global_rng_alone(data):
 
 @pytest.mark.parametrize("codebooks", ["shared", "per-level"])
 def test_training_device_choice(data, codebooks):
-    """DRQ takes any torch device for its fit (`train_on`); asked for the CPU explicitly it gives the
-    default fit's codes bit for bit, and the fitted net lives on the CPU. Coders without a GPU path
-    say so: itq, and pq without faiss GPU support."""
+    """`train_on`: DRQ accepts a device for its fit; asked for the CPU explicitly (the device code
+    path, `.to(device)` on the CPU) it gives the default fit's codes bit for bit, and the fitted net
+    lives on the CPU. Coders without a GPU path say so: itq, and pq without faiss GPU support. The
+    CUDA fit itself is the next test (skipped without a GPU)."""
     x, y = data
     default = make_coder("drq", levels=2, codebooks=codebooks, **TINY)
     default.fit(x[:300], y[:300])
